@@ -1,0 +1,152 @@
+"""Pending events, one FIFO per stream, and the watcher that sees them complete.
+
+The seed keeps one global deque and ``process_events`` stops at the first event that is not
+ready, so one stuck stream holds back every block behind it (PyTorch #183501: 90 GB piled up).
+Here each stream has its own FIFO: events on one stream complete in order, so only the oldest
+event of each stream is ever worth checking, and a stuck stream holds back only its own blocks.
+
+How completion is seen, without polling the loop's ~1 ms timers:
+
+* Each stream with pending events has a helper thread that blocks in the backend's
+  ``synchronize(event)`` (``cudaEventSynchronize``, GIL released) on its events in order, then
+  posts to the loop (``call_soon_threadsafe``).  The posted callback drains every completed event
+  at the head of that stream's FIFO.  This is the ~32 µs path measured on the H200 host.
+* With nothing pending, helpers sleep on a queue (no CPU) and exit after ``HELPER_IDLE_S``.
+* ``poll()`` (the seed's ``process_events``) drains every stream's completed head events at once.
+
+An event is released back to the backend only once both the FIFO and its helper are done with
+it, so a helper never waits on an event that has been recycled.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from ._loopport import LoopPort
+from .backends.base import Backend
+
+log = logging.getLogger("aiopinned")
+
+#: seconds a helper thread lingers with nothing to wait on before it exits
+HELPER_IDLE_S = 5.0
+
+
+class _Pending:
+    __slots__ = ("event", "on_done", "refs", "synced")
+
+    def __init__(self, event: Any, on_done: Callable[[], object]) -> None:
+        self.event = event
+        self.on_done = on_done
+        self.refs = 2  # the stream's FIFO and its helper each hold one
+        self.synced = False
+
+
+class _Helper:
+    """A thread that waits on one stream's events, in order, and reports each to the loop."""
+
+    __slots__ = ("alive", "queue")
+
+    def __init__(self, watcher: EventWatcher, key: Hashable) -> None:
+        self.queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self.alive = True
+        threading.Thread(
+            target=self._run, args=(watcher, key), name=f"aiopinned-watch-{key!r}", daemon=True
+        ).start()
+
+    def _run(self, watcher: EventWatcher, key: Hashable) -> None:
+        backend, port, q = watcher._backend, watcher._port, self.queue
+        while True:
+            try:
+                item = q.get(timeout=HELPER_IDLE_S)
+            except queue.Empty:
+                with watcher._lock:
+                    if q.empty():
+                        self.alive = False
+                        return
+                continue
+            if item is None:
+                return
+            try:
+                backend.synchronize(item.event)
+            except Exception:  # a dead context: report it done; nothing can still be reading
+                log.exception("aiopinned: waiting on an event of stream %r failed", key)
+            if not port.post(watcher._on_synced, key, item):
+                return  # the loop has stopped: nobody is left to hand blocks to
+
+
+class EventWatcher:
+    """Pending events per stream; calls each event's ``on_done`` on the loop when it completes."""
+
+    __slots__ = ("_backend", "_count", "_helpers", "_lock", "_port", "_streams")
+
+    def __init__(self, backend: Backend, port: LoopPort) -> None:
+        self._backend = backend
+        self._port = port
+        self._streams: dict[Hashable, deque[_Pending]] = {}
+        self._helpers: dict[Hashable, _Helper] = {}
+        self._lock = threading.Lock()  # guards helper start/exit only
+        self._count = 0
+
+    def __len__(self) -> int:
+        """Events recorded and not yet seen to complete."""
+        return self._count
+
+    def add(self, key: Hashable, event: Any, on_done: Callable[[], object]) -> None:
+        """Watch ``event``, recorded on stream ``key``; ``on_done()`` runs on the loop after it."""
+        item = _Pending(event, on_done)
+        fifo = self._streams.get(key)
+        if fifo is None:
+            fifo = self._streams[key] = deque()
+        fifo.append(item)
+        self._count += 1
+        with self._lock:
+            helper = self._helpers.get(key)
+            if helper is None or not helper.alive:
+                helper = self._helpers[key] = _Helper(self, key)
+            helper.queue.put(item)
+
+    def poll(self) -> int:
+        """Complete every event that has finished, on every stream; return how many."""
+        done = 0
+        for key in list(self._streams):
+            done += self._drain(key)
+        return done
+
+    def pending_events(self) -> list[Any]:
+        return [item.event for fifo in self._streams.values() for item in fifo]
+
+    def stop(self) -> None:
+        """Let idle helpers exit now (busy ones finish their current event first)."""
+        with self._lock:
+            helpers, self._helpers = list(self._helpers.values()), {}
+        for helper in helpers:
+            helper.queue.put(None)
+
+    def _on_synced(self, key: Hashable, item: _Pending) -> None:
+        item.synced = True
+        self._unref(item)
+        self._drain(key)
+
+    def _drain(self, key: Hashable) -> int:
+        fifo = self._streams.get(key)
+        done = 0
+        query = self._backend.query
+        while fifo and (fifo[0].synced or query(fifo[0].event)):
+            item = fifo.popleft()
+            self._count -= 1
+            done += 1
+            self._unref(item)
+            item.on_done()
+        if fifo is not None and not fifo:
+            del self._streams[key]
+        return done
+
+    def _unref(self, item: _Pending) -> None:
+        item.refs -= 1
+        if item.refs == 0:
+            self._backend.release_event(item.event)

@@ -1,0 +1,184 @@
+"""Core figures: cache-hit cost, copy bandwidth, and what growing does to the event loop.
+
+    python benchmarks/bench_core.py            # cuda if usable, else host
+
+Every row is measured against its peer in the same run; ratios are ours / theirs for time
+(lower is better) and ours / theirs for bandwidth (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from aiopinned import PinnedPool
+
+
+def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    print(f"\n{title}")
+    width = max(len(r[0]) for r in rows)
+    for name, value, ratio in rows:
+        print(f"  {name:<{width}}  {value:>14}  {ratio}")
+
+
+async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str, str]]:
+    (await pool.allocate(size)).free()  # warm
+
+    async def ours_async() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            (await pool.allocate(size)).free()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def ours_nowait() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pool.allocate_nowait(size).free()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    results: dict[str, list[float]] = {"await allocate + free": [], "allocate_nowait + free": []}
+    peers: dict[str, list[float]] = {}
+    try:
+        import torch
+
+        if pool.backend == "cuda":
+            torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+            def torch_hit() -> float:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    del_me = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                    del del_me
+                return (time.perf_counter() - t0) / n * 1e6
+
+            peers["torch.empty(pin_memory=True) + del"] = []
+    except ImportError:
+        torch = None  # type: ignore[assignment]
+    try:
+        import cupy
+
+        if pool.backend == "cuda":
+            cpool = cupy.cuda.PinnedMemoryPool()
+
+            def cupy_hit() -> float:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    mem = cpool.malloc(size)
+                    del mem
+                return (time.perf_counter() - t0) / n * 1e6
+
+            cpool.malloc(size)
+            peers["cupy PinnedMemoryPool malloc + del"] = []
+    except ImportError:
+        pass
+    for _ in range(7):  # interleave, take medians
+        results["await allocate + free"].append(await ours_async())
+        results["allocate_nowait + free"].append(ours_nowait())
+        if "torch.empty(pin_memory=True) + del" in peers:
+            peers["torch.empty(pin_memory=True) + del"].append(torch_hit())
+        if "cupy PinnedMemoryPool malloc + del" in peers:
+            peers["cupy PinnedMemoryPool malloc + del"].append(cupy_hit())
+    base = statistics.median(next(iter(peers.values()))) if peers else None
+    rows = []
+    for name, vals in {**results, **peers}.items():
+        med = statistics.median(vals)
+        ratio = f"{med / base:.2f}x of torch" if base else ""
+        rows.append((name, f"{med:.2f} us", ratio))
+    return rows
+
+
+def bandwidth(pool_tensor: object, nbytes: int) -> list[tuple[str, str, str]]:
+    import torch
+
+    ref = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def gbps(src: object, reps: int) -> float:
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
+
+    ours = statistics.median(gbps(pool_tensor, 5) for _ in range(5))
+    theirs = statistics.median(gbps(ref, 5) for _ in range(5))
+    slow = statistics.median(gbps(pageable, 2) for _ in range(3))
+    return [
+        ("aiopinned buffer", f"{ours:.1f} GB/s", f"{ours / theirs:.2f}x of torch pinned"),
+        ("torch.empty(pin_memory=True)", f"{theirs:.1f} GB/s", "1.00x"),
+        ("pageable torch.empty", f"{slow:.1f} GB/s", f"{slow / theirs:.2f}x of torch pinned"),
+    ]
+
+
+async def loop_stall(pool: PinnedPool, nbytes: int) -> list[tuple[str, str, str]]:
+    """Largest gap between 1 ms ticks of a task while ``nbytes`` are pinned."""
+
+    async def measure(work: object) -> float:
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        await work()  # type: ignore[operator]
+        done.set()
+        await task
+        return max(gaps) * 1e3
+
+    async def ours() -> None:
+        buf = await pool.allocate(nbytes)
+        buf.free()
+        await pool.empty_cache()
+
+    rows = [("aiopinned allocate (pins off the loop)", f"{await measure(ours):.1f} ms", "")]
+    if pool.backend == "cuda":
+        import torch
+
+        async def theirs() -> None:
+            t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            del t
+            torch._C._host_emptyCache()
+
+        peer = await measure(theirs)
+        rows.append(("torch.empty(pin_memory=True) on the loop", f"{peer:.1f} ms", ""))
+        rows[0] = (rows[0][0], rows[0][1], f"{float(rows[0][1].split()[0]) / peer:.3f}x of torch")
+    return rows
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--hits", type=int, default=20000, help="cache hits per sample")
+    parser.add_argument("--size", type=int, default=1 << 20, help="bytes per cache hit")
+    parser.add_argument("--copy-mib", type=int, default=512)
+    parser.add_argument("--stall-mib", type=int, default=1024)
+    args = parser.parse_args()
+    async with PinnedPool(args.backend) as pool:
+        print(f"backend: {pool.backend}")
+        _table(f"cache hit, {args.size} bytes (median of 7 x {args.hits})",
+               await cache_hit(pool, args.hits, args.size))
+        if pool.backend == "cuda":
+            buf = await pool.allocate(args.copy_mib << 20)
+            _table(f"host->device copy, {args.copy_mib} MiB",
+                   bandwidth(buf.torch(), args.copy_mib << 20))
+            buf.free()
+        await pool.empty_cache()
+        _table(f"largest loop stall while pinning {args.stall_mib} MiB (1 ms ticker)",
+               await loop_stall(pool, args.stall_mib << 20))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

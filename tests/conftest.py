@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from aiopinned.backends.host import HostBackend
+
+_LOOPS: list[Any] = [pytest.param(("asyncio", {}), id="asyncio")]
+if importlib.util.find_spec("uvloop"):
+    _LOOPS.append(pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"))
+if importlib.util.find_spec("trio"):
+    _LOOPS.append(pytest.param(("trio", {}), id="trio"))
+
+
+@pytest.fixture(params=_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Every anyio test runs under asyncio, uvloop and trio (where installed)."""
+    return request.param
+
+
+def _cuda_reason() -> str | None:
+    try:
+        from aiopinned.backends.cuda import cuda_unusable_reason
+    except Exception as exc:  # pragma: no cover
+        return str(exc)
+    return cuda_unusable_reason()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any("gpu" in item.keywords for item in items):
+        return
+    reason = _cuda_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"no usable CUDA device: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class RecordingBackend(HostBackend):
+    """The host backend, recording which thread made each blocking call, and able to fail."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alloc_threads: list[int] = []
+        self.free_threads: list[int] = []
+        self.freed = threading.Semaphore(0)
+        self.fail_allocs = 0  # fail the next N allocs with PinnedMemoryError
+        self.fail_if: Callable[[int], bool] | None = None
+        self.alloc_gate: threading.Event | None = None
+
+    def alloc(self, size: int) -> int:
+        from aiopinned import PinnedMemoryError
+
+        self.alloc_threads.append(threading.get_ident())
+        if self.alloc_gate is not None:
+            self.alloc_gate.wait()
+        if self.fail_allocs or (self.fail_if is not None and self.fail_if(size)):
+            self.fail_allocs = max(0, self.fail_allocs - 1)
+            raise PinnedMemoryError(f"refused to pin {size} bytes (test)")
+        return super().alloc(size)
+
+    def free(self, ptr: int, size: int) -> None:
+        self.free_threads.append(threading.get_ident())
+        super().free(ptr, size)
+        self.freed.release()
+
+
+@pytest.fixture
+def recording() -> RecordingBackend:
+    return RecordingBackend()
+
+
+async def until(predicate: Callable[[], bool], steps: int = 1000) -> None:
+    """Step the loop until ``predicate()`` holds (callbacks posted from threads land in between).
+
+    Fails after ``steps`` steps rather than hanging.  Used only where work arrives from another
+    thread (a HostStream, a finalizer, a free() from a thread), whose timing the test does not own.
+    """
+    for _ in range(steps):
+        if predicate():
+            return
+        await anyio.sleep(0)
+    for _ in range(200):  # a thread may still be on its way: give it real time, bounded
+        if predicate():
+            return
+        await anyio.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
+async def settle(steps: int = 20) -> None:
+    """Step the loop a few times so callbacks already posted to it have run."""
+    for _ in range(steps):
+        await anyio.sleep(0)
+
+
+class Gate:
+    """A HostStream gate: work launched after ``close()`` runs only after ``open()``."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def __call__(self) -> None:
+        self._event.wait(timeout=30)
+
+    def open(self) -> None:
+        self._event.set()

@@ -1,0 +1,109 @@
+"""The backends' own contracts: HostStream, host memory, CUDA stream arguments, auto choice."""
+
+from __future__ import annotations
+
+import threading
+import types
+
+import pytest
+
+from aiopinned import CudaError, HostStream, PinnedMemoryError, PinnedPool
+from aiopinned.backends.cuda import _stream_handle, cuda_unusable_reason
+from aiopinned.backends.host import HostBackend
+
+
+def test_host_stream_runs_callables_in_launch_order_on_its_own_thread() -> None:
+    stream, seen, threads = HostStream(), [], set()
+    for i in range(100):
+        stream.launch(lambda i=i: (seen.append(i), threads.add(threading.get_ident())))
+    stream.synchronize()
+    assert seen == list(range(100))
+    assert threads and threading.get_ident() not in threads
+
+
+def test_host_stream_rejects_non_callables_and_reports_errors_at_synchronize() -> None:
+    stream = HostStream()
+    with pytest.raises(TypeError):
+        stream.launch(42)  # type: ignore[arg-type]
+    stream.launch(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        stream.synchronize()
+    stream.synchronize()  # reported once
+
+
+def test_host_events_complete_after_everything_launched_before() -> None:
+    backend, stream, gate = HostBackend(), HostStream(), threading.Event()
+    stream.launch(gate.wait)
+    event = backend.record(backend.normalize_stream(stream))
+    assert not backend.query(event)
+    gate.set()
+    backend.synchronize(event)
+    assert backend.query(event)
+
+
+def test_host_memory_is_page_aligned_and_writable() -> None:
+    import ctypes
+    import mmap
+
+    backend = HostBackend()
+    ptr = backend.alloc(10)
+    assert ptr % mmap.PAGESIZE == 0
+    ctypes.memset(ptr, 7, 10)
+    assert ctypes.string_at(ptr, 10) == b"\x07" * 10
+    backend.free(ptr, 10)
+    with pytest.raises(PinnedMemoryError):
+        backend.alloc(1 << 62)
+
+
+def test_host_backend_takes_host_streams_or_none() -> None:
+    backend = HostBackend()
+    assert backend.normalize_stream(None) is backend.default_stream
+    with pytest.raises(TypeError):
+        backend.normalize_stream(0)
+
+
+class _Protocol:
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, 0xABC)
+
+
+class _TorchLike:
+    cuda_stream = 0xDEF
+
+
+def _cupy_like() -> object:
+    cls = types.new_class("Stream")
+    cls.__module__ = "cupy.cuda.stream"
+    obj = cls()
+    obj.ptr = 0x123  # type: ignore[attr-defined]
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("stream", "handle"),
+    [(None, 0), (0, 0), (7, 7), (_Protocol(), 0xABC), (_TorchLike(), 0xDEF), (_cupy_like(), 0x123)],
+    ids=["none", "zero", "int", "__cuda_stream__", "torch", "cupy"],
+)
+def test_cuda_stream_arguments_normalize_to_handles(stream: object, handle: int) -> None:
+    assert _stream_handle(stream) == handle
+
+
+@pytest.mark.parametrize("bad", [True, "0", 1.0, object()])
+def test_other_cuda_stream_arguments_are_type_errors(bad: object) -> None:
+    with pytest.raises(TypeError):
+        _stream_handle(bad)
+
+
+def test_negative_cuda_stream_handles_are_value_errors() -> None:
+    with pytest.raises(ValueError):
+        _stream_handle(-1)
+
+
+@pytest.mark.anyio
+async def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
+    reason = cuda_unusable_reason()
+    if reason is None:
+        pytest.skip("a CUDA device is usable here")
+    with pytest.raises(CudaError, match="not usable"):
+        async with PinnedPool("cuda"):
+            pass

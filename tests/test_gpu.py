@@ -1,0 +1,176 @@
+"""On a real GPU (marked ``gpu``; skipped where no CUDA device is usable)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+
+import pytest
+
+from aiopinned import PinnedPool, set_cupy_pinned_allocator
+
+from .conftest import until
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.asyncio]
+
+
+def _cycles_per_ms() -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+async def test_caching_pinned_memory() -> None:
+    """A port of PyTorch's test_caching_pinned_memory."""
+    cycles_per_ms = _cycles_per_ms()
+    async with PinnedPool("cuda") as pool:
+        buf = await pool.allocate(4)
+        ptr = buf.ptr
+        buf.free()
+        buf = await pool.allocate(4)
+        assert buf.ptr == ptr, "allocation not reused"
+
+        t = buf.torch(torch.float32)
+        t.fill_(1.0)
+        gpu = torch.zeros(1, device="cuda")
+        stream = torch.cuda.current_stream()
+        torch.cuda._sleep(int(1000 * cycles_per_ms))  # delay the copy by 1 s
+        gpu.copy_(t, non_blocking=True)
+        assert buf.record_stream(stream)
+        del t
+        buf.free()
+        other = await pool.allocate(4)
+        assert other.ptr != ptr, "allocation re-used too soon"
+        await pool.synchronize(stream)
+        assert gpu.tolist() == [1.0]
+        other.free()
+        # after the copy completed, the block is handed out again
+        got = {(await pool.allocate(4)).ptr, (await pool.allocate(4)).ptr}
+        assert ptr in got
+
+
+async def test_data_integrity_with_mixed_sizes_on_a_side_stream() -> None:
+    rng = random.Random(1234)
+    cycles_per_ms = _cycles_per_ms()
+    side = torch.cuda.Stream()
+    sizes = [1, 1000, 4096, 65536, 300_000, 1 << 20, 3 << 20]  # int32 elements
+    outs = []
+    async with PinnedPool("cuda") as pool:
+        for i in range(500):
+            n = rng.choice(sizes)
+            buf = await pool.allocate(n * 4)
+            host = buf.torch(torch.int32, n)
+            host.fill_(i)
+            dev = torch.empty(n, dtype=torch.int32, device="cuda")
+            with torch.cuda.stream(side):
+                if i % 50 == 0:  # hold the stream back so early reuse would show
+                    torch.cuda._sleep(int(20 * cycles_per_ms))
+                dev.copy_(host, non_blocking=True)
+            assert buf.record_stream(side)
+            del host
+            buf.free()
+            outs.append((i, dev))
+            if i % 5 == 0:
+                await asyncio.sleep(0)  # let the watcher hand blocks back
+        await pool.synchronize(side)
+        bad = [i for i, dev in outs if not bool((dev == i).all())]
+        stats = pool.stats()
+        print(f"\nintegrity: 500 copies, {stats.cache_hits} cache hits, "
+              f"{stats.num_host_alloc} blocks pinned, {len(bad)} corrupted")
+        assert bad == []
+        assert stats.cache_hits > 250
+
+
+async def test_views_are_pinned_and_copy_at_pinned_bandwidth() -> None:
+    n = 512 << 20
+    async with PinnedPool("cuda") as pool:
+        buf = await pool.allocate(n)
+        src = buf.torch()
+        assert src.is_pinned()
+        ref = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        pageable = torch.empty(n, dtype=torch.uint8)
+        dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+
+        def gbps(t: object, reps: int = 5) -> float:
+            dst.copy_(t, non_blocking=True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                dst.copy_(t, non_blocking=True)
+            end.record()
+            end.synchronize()
+            return n * reps / (start.elapsed_time(end) / 1e3) / 1e9
+
+        ours, theirs = max(gbps(src) for _ in range(3)), max(gbps(ref) for _ in range(3))
+        slow = gbps(pageable, 2)
+        print(f"\nH2D 512 MiB: aiopinned {ours:.1f} GB/s, torch pin_memory {theirs:.1f} GB/s, "
+              f"pageable {slow:.1f} GB/s")
+        assert ours >= 0.9 * theirs
+        del src
+        buf.free()
+
+
+async def test_streams_of_every_kind_are_accepted() -> None:
+    from cuda.bindings import runtime as rt
+
+    s = torch.cuda.Stream()
+    kinds: list[object] = [None, 0, s, s.cuda_stream, torch.cuda.current_stream()]
+    err, raw = rt.cudaStreamCreate()
+    assert err == rt.cudaError_t.cudaSuccess
+    kinds.append(raw)
+    try:
+        import cupy
+
+        kinds.append(cupy.cuda.Stream(non_blocking=True))
+    except ImportError:
+        pass
+    async with PinnedPool("cuda") as pool:
+        for stream in kinds:
+            buf = await pool.allocate(64)
+            assert pool.record_stream(buf, stream), stream
+            buf.free()
+            await pool.synchronize(stream)
+            assert pool.stats().pending_events == 0
+        with pytest.raises(TypeError):
+            pool.record_stream(await pool.allocate(8), "stream")
+    assert rt.cudaStreamDestroy(raw)[0] == rt.cudaError_t.cudaSuccess
+
+
+async def test_a_stuck_stream_does_not_hold_back_another() -> None:
+    cycles_per_ms = _cycles_per_ms()
+    slow, fast = torch.cuda.Stream(), torch.cuda.Stream()
+    async with PinnedPool("cuda") as pool:
+        a, b = await pool.allocate(64), await pool.allocate(64)
+        with torch.cuda.stream(slow):
+            torch.cuda._sleep(int(2000 * cycles_per_ms))
+        a.record_stream(slow)
+        a.free()  # its event is older, and stuck for 2 s
+        b.record_stream(fast)
+        b.free()
+        await pool.synchronize(fast)
+        await until(lambda: pool.stats().free_blocks == 1)
+        assert pool.stats().pending_events == 1
+        await pool.synchronize(slow)
+        assert pool.stats().free_blocks == 2
+
+
+async def test_cupy_takes_its_pinned_memory_from_the_pool() -> None:
+    cupy = pytest.importorskip("cupy")
+    async with PinnedPool("cuda") as pool:
+        (await pool.allocate(4096)).free()  # warm: CuPy's allocator must not pin on the loop
+        set_cupy_pinned_allocator(pool)
+        try:
+            mem = cupy.cuda.alloc_pinned_memory(1000)
+            assert pool.stats().active_requests == 1
+            assert pool.record_stream(mem.ptr, None)  # CuPy's pointer is the pool's memory
+            del mem
+            gc.collect()
+            await until(lambda: pool.stats().active_requests == 0)
+        finally:
+            set_cupy_pinned_allocator(None)
