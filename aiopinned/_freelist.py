@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import insort
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -10,55 +11,91 @@ from sortedcontainers import SortedList
 if TYPE_CHECKING:
     from ._block import Block
 
-_PTR_BITS = 64
-_PTR_MASK = (1 << _PTR_BITS) - 1
-
 
 class FreeList:
     """Best fit: ``take(n)`` pops the smallest idle block of at least ``n`` bytes.
 
-    Each block is keyed by the single integer ``size << 64 | ptr``, which sorts exactly as the
-    seed's ``(size, ptr)`` comparator and compares faster than a tuple.
+    Order is the seed's ``(size, ptr)``: the smallest size that fits, and among blocks of that
+    size the lowest address.  Blocks are grouped by size: ``_sizes`` (a ``SortedList``) holds the
+    sizes that have had idle blocks and ``_by_size`` each size's blocks, lowest address last (a
+    size whose list runs empty stays, so that a block cycling through the cache costs no sorted
+    insert or remove; the sorted path drops empty sizes it walks past).  Blocks
+    are almost always powers of two (the seed's growth rule), and the smallest power of two that
+    fits ``n`` is then the best fit, so a hit is one dict lookup and one ``list.pop`` before any
+    sorted search.  Blocks of other sizes (pinned to the exact size at a ``max_bytes`` edge) are
+    counted, and while any is idle every lookup takes the sorted path.
     """
 
-    __slots__ = ("_blocks", "_keys", "nbytes")
+    __slots__ = ("_by_size", "_odd", "_sizes", "count", "nbytes")
 
     def __init__(self) -> None:
-        self._keys = SortedList()
-        self._blocks: dict[int, Block] = {}
-        #: bytes held by idle blocks
+        self._sizes = SortedList()
+        # size -> blocks of that size, sorted by descending address (pop() is the lowest)
+        self._by_size: dict[int, list[Block]] = {}
+        self._odd = 0  # idle blocks whose size is not a power of two
+        #: idle blocks, and the bytes they hold
+        self.count = 0
         self.nbytes = 0
 
     def __len__(self) -> int:
-        return len(self._blocks)
+        return self.count
 
     def add(self, block: Block) -> None:
-        self._keys.add((block.size << _PTR_BITS) | block.ptr)
-        self._blocks[block.ptr] = block
-        self.nbytes += block.size
+        size = block.size
+        same = self._by_size.get(size)
+        if same is None:
+            self._by_size[size] = [block]
+            self._sizes.add(size)
+        elif not same:
+            same.append(block)
+        else:
+            insort(same, block, key=_neg_ptr)
+        if size & (size - 1):
+            self._odd += 1
+        self.count += 1
+        self.nbytes += size
 
     def take(self, size: int) -> Block | None:
         """Remove and return the smallest block that fits ``size``, or ``None``."""
-        keys = self._keys
-        i = keys.bisect_left(size << _PTR_BITS)
-        if i == len(keys):
-            return None
-        block = self._blocks.pop(keys.pop(i) & _PTR_MASK)
-        self.nbytes -= block.size
+        if not self._odd:
+            same = self._by_size.get(1 << (size - 1).bit_length())
+            if same:
+                return self._pop(same)
+        sizes, by_size = self._sizes, self._by_size
+        i = sizes.bisect_left(size)
+        while i < len(sizes):
+            same = by_size[sizes[i]]
+            if same:
+                return self._pop(same)
+            del by_size[sizes.pop(i)]  # an empty size: drop it as we pass
+        return None
+
+    def _pop(self, same: list[Block]) -> Block:
+        block = same.pop()
+        size = block.size
+        if size & (size - 1):
+            self._odd -= 1
+        self.count -= 1
+        self.nbytes -= size
         return block
 
     def remove(self, block: Block) -> None:
-        self._keys.remove((block.size << _PTR_BITS) | block.ptr)
-        del self._blocks[block.ptr]
-        self.nbytes -= block.size
+        same = self._by_size[block.size]
+        same.remove(block)
+        same.append(block)  # now last: _pop takes exactly this one
+        self._pop(same)
 
     def take_all(self) -> list[Block]:
-        blocks = list(self._blocks.values())
-        self._keys.clear()
-        self._blocks.clear()
-        self.nbytes = 0
+        blocks = [b for same in self._by_size.values() for b in same]
+        self._sizes.clear()
+        self._by_size.clear()
+        self._odd = self.count = self.nbytes = 0
         return blocks
 
     def largest_first(self) -> Iterator[Block]:
-        for key in reversed(self._keys):
-            yield self._blocks[key & _PTR_MASK]
+        for size in reversed(self._sizes):
+            yield from reversed(self._by_size[size])  # (empty sizes yield nothing)
+
+
+def _neg_ptr(block: Block) -> int:
+    return -block.ptr

@@ -31,7 +31,7 @@ class LoopPort:
 
     def __init__(self) -> None:
         self.token = anyio.lowlevel.current_token()
-        native = self.token.native_token
+        native: Any = self.token.native_token
         self._native = native
         self.thread_id = threading.get_ident()
         if isinstance(native, asyncio.AbstractEventLoop):

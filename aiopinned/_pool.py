@@ -45,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from threading import get_ident
 from types import TracebackType
 from typing import Any
 
@@ -66,6 +67,7 @@ log = logging.getLogger("aiopinned")
 
 _NEW, _OPEN, _CLOSING, _CLOSED = range(4)
 _BACKEND_NAMES = ("auto", "cuda", "host")
+_NO_CAP = 1 << 80  # larger than any request; keeps the hot path's cap check a plain int compare
 
 
 def _pow2(n: int) -> int:
@@ -74,7 +76,7 @@ def _pow2(n: int) -> int:
 
 
 def _as_size(nbytes: object, what: str = "nbytes") -> int:
-    if isinstance(nbytes, bool) or isinstance(nbytes, float):
+    if isinstance(nbytes, (bool, float)):
         raise TypeError(f"{what} must be an int, not {type(nbytes).__name__}")
     try:
         n = operator.index(nbytes)  # type: ignore[arg-type]
@@ -165,6 +167,7 @@ class PinnedPool:
                 raise ValueError("max_bytes must be > 0 (or None for no cap)")
         self._spec = backend
         self._max_bytes = max_bytes
+        self._cap = _NO_CAP if max_bytes is None else max_bytes
         self._state = _NEW
         self._backend: Backend | None = None
         self._port: LoopPort | None = None
@@ -260,9 +263,26 @@ class PinnedPool:
             TimeoutError: no block within ``timeout`` seconds (nothing is left queued or held).
             PoolClosed: the pool is closed, or closed while waiting.
             PinnedMemoryError: the system refused to pin more memory.
+            RuntimeError: called from a thread or loop the pool does not belong to.
         """
+        # The cache hit, checked in one expression: only the checks that can fail on it.
+        if (
+            type(nbytes) is int
+            and 0 < nbytes <= self._cap
+            and timeout is None
+            and not self._waiters
+            and get_ident() == self._thread_id
+            and self._state == _OPEN
+        ):
+            block = self._free.take(nbytes)
+            if block is not None:
+                self._cache_hits += 1
+                return self._hand_out(block, nbytes)
+        return await self._allocate_checked(nbytes, timeout)
+
+    async def _allocate_checked(self, nbytes: object, timeout: object) -> PinnedBuffer:
         size = self._check_request(nbytes)
-        deadline = math.inf if timeout is None else _as_timeout(timeout)
+        deadline = _as_timeout(timeout)
         if size == 0:
             return PinnedBuffer(self, None, 0)
         if not self._waiters:
@@ -281,9 +301,17 @@ class PinnedPool:
         fits), and also where it would have to pin new memory: pinning blocks the calling
         thread for up to seconds, which a non-blocking call must not do.
         """
-        size = self._check_request(nbytes)
-        if size == 0:
-            return PinnedBuffer(self, None, 0)
+        if (
+            type(nbytes) is int
+            and 0 < nbytes <= self._cap
+            and get_ident() == self._thread_id
+            and self._state == _OPEN
+        ):
+            size = nbytes
+        else:
+            size = self._check_request(nbytes)
+            if size == 0:
+                return PinnedBuffer(self, None, 0)
         if self._waiters:
             raise WouldBlock(f"{len(self._waiters)} callers are queued ahead; nobody overtakes them")
         block = self._free.take(size)
@@ -294,7 +322,7 @@ class PinnedPool:
 
     def allocate_blocking(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """``allocate`` for plain threads (e.g. sync data-loader workers): blocks the caller."""
-        if threading.get_ident() == self._thread_id:
+        if get_ident() == self._thread_id:
             raise RuntimeError(
                 "allocate_blocking() on the pool's own loop thread would deadlock; "
                 "use 'await pool.allocate()'"
@@ -326,7 +354,7 @@ class PinnedPool:
         Raises:
             InvalidBufferError: freed twice, or not from this pool.
         """
-        if not isinstance(buf, PinnedBuffer):
+        if type(buf) is not PinnedBuffer and not isinstance(buf, PinnedBuffer):
             raise TypeError(f"free() takes a PinnedBuffer, not {type(buf).__name__}")
         if buf._pool is not self:
             raise InvalidBufferError("this buffer belongs to another pool")
@@ -336,10 +364,12 @@ class PinnedPool:
             buf._live.pop()
         except IndexError:
             raise InvalidBufferError("this buffer was already freed") from None
-        if threading.get_ident() == self._thread_id:
-            self._release(buf)
-        else:
+        if get_ident() != self._thread_id:
             self._post(self._release, buf)
+            return
+        anchor = buf._anchor
+        if anchor is None or anchor() is None:  # else the last view's finalizer retires it
+            self._retire(buf)
 
     def _free_from_finalizer(self, buf: PinnedBuffer) -> None:
         """``PinnedBuffer.__del__``: never touch pool state from inside a finalizer."""
@@ -362,16 +392,21 @@ class PinnedPool:
             self._retire(buf)
 
     def _retire(self, buf: PinnedBuffer) -> None:
+        """Freed, and no view left: the block goes back (now, or after its streams' events)."""
         block = buf._block
-        assert block is not None and block.state == ALLOCATED and not buf._retired
+        assert block is not None and not buf._retired
         buf._retired = True
         self._active_bytes -= block.size
         self._active_requests -= 1
-        if self._state == _CLOSED:
-            self._release_detached(block)
-            return
         streams = block.streams
-        if not streams:
+        if not streams and self._state != _CLOSED:  # the common case, _return_block inlined
+            block.state = FREE
+            self._free.add(block)
+            self._returned += 1
+            if self._waiters:
+                self._serve_waiters()
+            return
+        if self._state == _CLOSED:
             self._return_block(block)
             return
         backend, watcher = self._require_backend(), self._require_watcher()
@@ -519,11 +554,11 @@ class PinnedPool:
         self._check_loop()
         if self._max_bytes is not None and size > self._max_bytes:
             raise ValueError(f"{size} bytes is more than the pool's max_bytes ({self._max_bytes})")
-        return size  # type: ignore[return-value]
+        return size
 
     def _check_loop(self) -> None:
         port = self._port
-        if threading.get_ident() != self._thread_id or port is None or not port.is_current():
+        if get_ident() != self._thread_id or port is None or not port.is_current():
             raise RuntimeError(
                 "this PinnedPool belongs to another event loop (the one it was opened on); "
                 "only free() may be called from other threads, and allocate_blocking() from "

@@ -34,7 +34,7 @@ _LEGACY_HANDLES = (0, 1, 2)  # 0 and cudaStreamLegacy: legacy default; 2: per-th
 
 def _error_text(err: Any) -> str:
     name = getattr(err, "name", str(err))
-    res, text = rt.cudaGetErrorString(err)
+    _, text = rt.cudaGetErrorString(err)
     desc = text.decode() if isinstance(text, bytes) else str(text)
     hint = ""
     if err == rt.cudaError_t.cudaErrorInsufficientDriver:
@@ -72,7 +72,7 @@ def cuda_unusable_reason() -> str | None:
     return None
 
 
-def _stream_handle(stream: object) -> int:
+def _stream_handle(stream: Any) -> int:
     if stream is None:
         return 0
     if isinstance(stream, bool):
@@ -85,10 +85,8 @@ def _stream_handle(stream: object) -> int:
         handle = stream.cuda_stream
     elif type(stream).__module__.startswith("cupy") and hasattr(stream, "ptr"):
         handle = stream.ptr
-    elif rt is not None and isinstance(stream, rt.cudaStream_t):
-        handle = int(stream)
-    elif type(stream).__name__ == "CUstream" and hasattr(stream, "getPtr"):
-        handle = int(stream)
+    elif type(stream).__name__ in ("cudaStream_t", "CUstream") and hasattr(stream, "getPtr"):
+        handle = int(stream)  # cuda-python's own handle types
     else:
         raise TypeError(
             "a CUDA stream must be an int handle, an object with __cuda_stream__(), a "
@@ -142,7 +140,7 @@ class CudaBackend:
         import torch
 
         # torch only reports memory from cudaHostAlloc as pinned once it has initialized CUDA.
-        torch.cuda.init()
+        torch.cuda.init()  # type: ignore[no-untyped-call]
 
     # -- streams and events -------------------------------------------------------------------
     def normalize_stream(self, stream: object) -> tuple[int, int]:
