@@ -24,11 +24,17 @@ class FreeList:
     fits ``n`` is then the best fit, so a hit is one dict lookup and one ``list.pop`` before any
     sorted search.  Blocks of other sizes (pinned to the exact size at a ``max_bytes`` edge) are
     counted, and while any is idle every lookup takes the sorted path.
+
+    ``bounded`` (pools with ``max_bytes``) adds one rule: a request of ``n`` bytes takes no block
+    larger than ``pow2(n)``, the block growth would have pinned for it.  Otherwise a small request
+    could sit in a big idle block while the cap keeps the next big request waiting forever (the
+    best-fit trap); a block that is too big is left idle, where growth may release it.
     """
 
-    __slots__ = ("_by_size", "_odd", "_sizes", "count", "nbytes")
+    __slots__ = ("_by_size", "_odd", "_sizes", "bounded", "count", "nbytes")
 
-    def __init__(self) -> None:
+    def __init__(self, bounded: bool = False) -> None:
+        self.bounded = bounded
         self._sizes = SortedList()
         # size -> blocks of that size, sorted by descending address (pop() is the lowest)
         self._by_size: dict[int, list[Block]] = {}
@@ -64,6 +70,8 @@ class FreeList:
         sizes, by_size = self._sizes, self._by_size
         i = sizes.bisect_left(size)
         while i < len(sizes):
+            if self.bounded and sizes[i] > 1 << (size - 1).bit_length():
+                return None
             same = by_size[sizes[i]]
             if same:
                 return self._pop(same)

@@ -116,13 +116,21 @@ def _pointer_of(obj: object) -> int:
 
 
 class _Plan:
-    """Growth granted to one caller: pin ``size`` bytes after unpinning ``victims``."""
+    """Growth granted to one caller: unpin ``victims``, then pin ``size`` bytes.
 
-    __slots__ = ("size", "victims")
+    ``charge`` is what the plan added to ``_reserved`` when it was made: ``size - freed`` where
+    positive.  Victims stay counted until they are really unpinned, so ``_reserved`` bounds what is
+    pinned at every instant, not only once the thread is done (another grower cannot pin into
+    room that a victim still occupies).
+    """
+
+    __slots__ = ("charge", "freed", "size", "victims")
 
     def __init__(self, size: int, victims: list[Block]) -> None:
         self.size = size
         self.victims = victims
+        self.freed = sum(b.size for b in victims)
+        self.charge = max(size - self.freed, 0)
 
 
 class _Waiter:
@@ -177,10 +185,11 @@ class PinnedPool:
         self._blocks: dict[int, Block] = {}
         self._starts = SortedList()
         self._mutex = threading.Lock()
-        self._free = FreeList()
+        self._free = FreeList(bounded=max_bytes is not None)
         # bool(_waiters) implies: no idle block fits _waiters[0] and it cannot grow.
         self._waiters: deque[_Waiter] = deque()
-        # Counters.  _reserved counts pinned bytes plus pinning in flight, minus unpinning planned.
+        # Counters.  _reserved bounds what is pinned now or may be by operations in flight:
+        # registered blocks, blocks being pinned, and blocks being unpinned.
         self._reserved = 0
         self._peak_reserved = 0
         self._active_bytes = 0
@@ -233,8 +242,7 @@ class PinnedPool:
             watcher.poll()
         victims = self._take_idle()
         self._state = _CLOSED
-        if victims:
-            await run_off_loop(self._port_(), self._release_blocks, victims, on_orphan=_ignore)
+        await self._release_idle(victims)
         watcher.stop()
         backend.close()
 
@@ -480,8 +488,7 @@ class PinnedPool:
         self._check_loop()
         self.process_events()
         victims = self._take_idle()
-        if victims:
-            await run_off_loop(self._port_(), self._release_blocks, victims, on_orphan=_ignore)
+        await self._release_idle(victims)
         return sum(b.size for b in victims)
 
     def copy_data(self, dest: int, src: int, count: int) -> None:
@@ -678,15 +685,20 @@ class PinnedPool:
                     self._unregister(block)
             if want > room:
                 want = size
-        self._reserved += want
+        plan = _Plan(want, victims)
+        self._reserved += plan.charge
         self._peak_reserved = max(self._peak_reserved, self._reserved)
-        return _Plan(want, victims)
+        return plan
+
+    def _settle(self, plan: _Plan, pinned: bool) -> None:
+        """The plan's thread ran: its victims are unpinned, and its block pinned or not."""
+        self._reserved += (plan.size if pinned else 0) - plan.freed - plan.charge
 
     def _undo_plan(self, plan: _Plan) -> None:
-        self._reserved -= plan.size
+        """The plan never ran (its waiter left): the victims are idle blocks again."""
+        self._reserved -= plan.charge
         for block in plan.victims:
-            self._register(block)
-            self._free.add(block)
+            self._free.add(self._register(block))
         self._serve_waiters()
 
     async def _grow(self, plan: _Plan, nbytes: int, deadline: float) -> PinnedBuffer:
@@ -699,26 +711,36 @@ class PinnedPool:
                         self._port_(), self._execute, plan, on_orphan=partial(self._adopt, plan)
                     )
             except PinnedMemoryError:
+                self._settle(plan, pinned=False)
                 if retried or not self._free:
-                    self._reserved -= plan.size
                     self._serve_waiters()
                     raise
-                # As CuPy does: drop every idle block and try once more.
+                # As CuPy does: unpin every idle block and try once more.
                 retried = True
-                plan = _Plan(plan.size, self._take_idle())
+                victims = self._free.take_all()
+                for block in victims:
+                    self._unregister(block)
+                plan = _Plan(plan.size, victims)
+                self._reserved += plan.charge
                 continue
+            except Exception:  # the backend failed otherwise (a cancelled caller is adopted)
+                self._settle(plan, pinned=False)
+                self._serve_waiters()
+                raise
             if scope.cancelled_caught:  # the block is adopted by the pool once it is pinned
                 raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
             break
+        self._settle(plan, pinned=True)
         return self._hand_out(self._register(Block(ptr, plan.size)), nbytes)
 
     def _adopt(self, plan: _Plan, ptr: int | None, error: BaseException | None) -> None:
-        """Growth whose caller left: keep the block (or undo the reservation)."""
-        if error is not None or ptr is None:
-            self._reserved -= plan.size
+        """Growth whose caller left: keep the block (or give back the reservation)."""
+        pinned = error is None and ptr is not None
+        self._settle(plan, pinned)
+        if pinned:
+            self._return_block(self._register(Block(ptr, plan.size)))  # type: ignore[arg-type]
+        else:
             self._serve_waiters()
-            return
-        self._return_block(self._register(Block(ptr, plan.size)))
 
     # -- internals: the registry and the backend ----------------------------------------------
     def _register(self, block: Block) -> Block:
@@ -745,11 +767,29 @@ class PinnedPool:
         return None
 
     def _take_idle(self) -> list[Block]:
+        """Every idle block, out of the free list and the registry (still counted as reserved)."""
         victims = self._free.take_all()
         for block in victims:
             self._unregister(block)
-            self._reserved -= block.size
         return victims
+
+    async def _release_idle(self, victims: list[Block]) -> None:
+        """Unpin blocks from ``_take_idle`` off the loop; the bytes stay reserved until done."""
+        if not victims:
+            return
+        nbytes = sum(b.size for b in victims)
+
+        def released(_: object, error: BaseException | None) -> None:
+            self._reserved -= nbytes
+            self._serve_waiters()
+            _ignore(None, error)
+
+        try:
+            await run_off_loop(self._port_(), self._release_blocks, victims, on_orphan=released)
+        except Exception:  # a cancelled caller is settled by `released`, when the thread ends
+            released(None, None)
+            raise
+        released(None, None)
 
     def _execute(self, plan: _Plan) -> int:
         """Worker thread: unpin the victims, then pin the new block."""

@@ -174,3 +174,49 @@ async def test_cupy_takes_its_pinned_memory_from_the_pool() -> None:
             await until(lambda: pool.stats().active_requests == 0)
         finally:
             set_cupy_pinned_allocator(None)
+
+
+async def test_a_capped_pool_feeding_a_copy_loop_reuses_one_block() -> None:
+    n = 64 << 20
+    stream = torch.cuda.Stream()
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    ptrs = set()
+    async with PinnedPool("cuda", max_bytes=n) as pool:
+        for i in range(50):
+            async with pool.buffer(n, timeout=30) as buf:  # waits for the last copy to finish
+                buf.numpy()[:16] = i
+                with torch.cuda.stream(stream):
+                    dev.copy_(buf.torch(), non_blocking=True)
+                buf.record_stream(stream)
+                ptrs.add(buf.ptr)
+        await pool.synchronize(stream)
+        s = pool.stats()
+        print(f"\ncapped copy loop: 50 x 64 MiB, {s.num_host_alloc} block pinned, "
+              f"peak reserved {s.peak_reserved_bytes >> 20} MiB of {n >> 20} MiB")
+        assert len(ptrs) == 1 and s.num_host_alloc == 1
+        assert s.peak_reserved_bytes <= n
+        assert int(dev[0]) == 49
+
+
+async def test_concurrent_producers_under_a_cap_never_pass_it() -> None:
+    n, cap = 8 << 20, 24 << 20
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    devs = [torch.empty(n // 4, dtype=torch.int32, device="cuda") for _ in range(4)]
+    async with PinnedPool("cuda", max_bytes=cap) as pool:
+
+        async def producer(k: int) -> None:
+            for i in range(40):
+                async with pool.buffer(n) as buf:
+                    buf.torch(torch.int32).fill_(k * 1000 + i)
+                    with torch.cuda.stream(streams[k]):
+                        devs[k].copy_(buf.torch(torch.int32), non_blocking=True)
+                    buf.record_stream(streams[k])
+                    assert pool.stats().reserved_bytes <= cap
+                await asyncio.sleep(0)
+
+        await asyncio.gather(*(producer(k) for k in range(4)))
+        for k, s in enumerate(streams):
+            await pool.synchronize(s)
+            assert bool((devs[k] == k * 1000 + 39).all())
+        st = pool.stats()
+        assert st.peak_reserved_bytes <= cap and st.active_requests == 0 and st.waiters == 0
