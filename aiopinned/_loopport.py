@@ -27,7 +27,7 @@ __all__ = ["LoopPort", "run_off_loop"]
 class LoopPort:
     """The pool's event loop, seen from anywhere."""
 
-    __slots__ = ("_native", "_post", "is_current", "thread_id", "token")
+    __slots__ = ("_native", "_post", "call_soon", "is_current", "thread_id", "token")
 
     def __init__(self) -> None:
         self.token = anyio.lowlevel.current_token()
@@ -36,12 +36,15 @@ class LoopPort:
         self.thread_id = threading.get_ident()
         if isinstance(native, asyncio.AbstractEventLoop):
             self._post = native.call_soon_threadsafe
+            #: schedule from the loop's own thread (no wake-up of the selector)
+            self.call_soon: Callable[..., object] = native.call_soon
             get_loop = asyncio._get_running_loop
             self.is_current: Callable[[], bool] = lambda: get_loop() is native
         else:  # trio: anyio's native token is the TrioToken
             import trio
 
             self._post = native.run_sync_soon
+            self.call_soon = native.run_sync_soon
             current = trio.lowlevel.current_trio_token
 
             def is_current() -> bool:

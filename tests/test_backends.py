@@ -107,3 +107,23 @@ async def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(CudaError, match="not usable"):
         async with PinnedPool("cuda"):
             pass
+
+
+def test_host_stream_drops_its_work_once_run() -> None:
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    stream, payload, ran = HostStream(), Payload(), threading.Event()
+    ref = weakref.ref(payload)
+    stream.launch(lambda p: ran.set(), payload)  # the last work launched: nothing runs after it
+    ran.wait()
+    del payload
+    for _ in range(1000):
+        gc.collect()
+        if ref() is None:
+            break
+        ran.wait(0.001)
+    assert ref() is None

@@ -498,3 +498,32 @@ async def test_a_stuck_stream_does_not_hold_back_another() -> None:
 
 async def _noop(_: Callable[[], Awaitable[None]]) -> None:  # keep the imports honest
     return None
+
+
+async def test_spinning_returns_blocks_without_the_watcher_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiopinned import HostStream, _events
+
+    from .conftest import Gate, until
+
+    # Silence the watcher threads: only the loop's polling can bring the block back.
+    monkeypatch.setattr(_events.EventWatcher, "_on_synced", lambda self, key, item: None)
+    async with PinnedPool("host", max_bytes=4 * KB, spin_s=30) as pool, \
+            anyio.create_task_group() as tg:
+        stream, gate = HostStream(), Gate()
+        stream.launch(gate)
+        held = await pool.allocate(4 * KB)
+        w = Waiters(pool, tg)
+        await w.add("a", 4 * KB)
+        held.record_stream(stream)
+        held.free()
+        gate.open()
+        await until(lambda: w.served == ["a"])
+
+
+def test_spin_s_is_checked() -> None:
+    with pytest.raises(TypeError):
+        PinnedPool("host", spin_s="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        PinnedPool("host", spin_s=-1)

@@ -30,6 +30,9 @@ def _run_stream(q: queue.SimpleQueue[Any], errors: list[BaseException]) -> None:
             fn(*args)
         except BaseException as exc:  # kept for synchronize(), as CUDA keeps a stream's error
             errors.append(exc)
+        # Drop the work before waiting for more: its arguments (views of pinned buffers, say)
+        # must not outlive it, or the blocks they keep could never come back.
+        del item, fn, args
 
 
 class HostStream:
