@@ -69,6 +69,16 @@ class _Cuda:
     def query_last(self) -> Callable[[], bool]:
         return self.stream.query
 
+    def floor_us(self, delay_ms: float, n: int = 100) -> float:
+        """The estimator's own floor: the same round, waited for by a blocking
+        ``cudaEventSynchronize`` on this thread (no event loop, no other thread involved)."""
+        xs = []
+        for _ in range(n):
+            observe = self.queue_copy(self.dev, delay_ms)
+            done_at = observe()
+            xs.append((time.perf_counter() - done_at) * 1e6)
+        return statistics.median(xs)
+
 
 class _Host:
     def __init__(self) -> None:
@@ -140,6 +150,9 @@ async def main() -> None:
                 peer.append(b)
         print(f"backend: {pool.backend}; {args.iters} rounds, {args.delay_ms} ms of stream work "
               f"before each copy; spin_s={args.spin_s}")
+        if isinstance(dev, _Cuda):
+            print(f"floor of the timing method (blocking cudaEventSynchronize, no loop): "
+                  f"{dev.floor_us(args.delay_ms):.1f}us median")
         print(f"{'':44} {'median':>10} {'p99':>10} {'max':>10}")
         for name, xs in (("aiopinned: awaiting allocate (watcher)", ours),
                          ("peer: polling with asyncio.sleep(0.0001)", peer)):
