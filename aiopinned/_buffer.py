@@ -83,7 +83,7 @@ class PinnedBuffer:
         if not isinstance(dt, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, not {type(dt).__name__}")
         shape, count = self._shape_for(dt.itemsize, shape)
-        self._pool._backend_for_views().prepare_torch()
+        self._pool._require_backend().prepare_torch()
         mv = self.memoryview()
         if count == 0:
             return torch.empty(shape, dtype=dt)

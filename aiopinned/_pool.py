@@ -607,9 +607,6 @@ class PinnedPool:
             raise RuntimeError("the pool is not open: use 'async with PinnedPool() as pool'")
         return self._port
 
-    def _backend_for_views(self) -> Backend:
-        return self._require_backend()
-
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn`` on the pool's loop; if the loop is gone, release what it would have."""
         if self._port is not None and self._port.post(fn, *args):

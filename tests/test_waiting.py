@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -424,7 +423,6 @@ async def _storm(pool: PinnedPool, seed: int, tasks: int) -> None:
                 await anyio.sleep(0)
             if rng.random() < 0.1:
                 rng.choice(scopes).cancel()
-    print(outcomes, pool.stats())
     assert outcomes["ok"] > tasks // 4, outcomes
     for stream in streams:
         await pool.synchronize(stream)
@@ -495,9 +493,6 @@ async def test_a_stuck_stream_does_not_hold_back_another() -> None:
         gate.open()
         await until(lambda: pool.stats().free_blocks == 2)
 
-
-async def _noop(_: Callable[[], Awaitable[None]]) -> None:  # keep the imports honest
-    return None
 
 
 async def test_spinning_returns_blocks_without_the_watcher_threads(
