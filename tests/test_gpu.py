@@ -220,3 +220,26 @@ async def test_concurrent_producers_under_a_cap_never_pass_it() -> None:
             assert bool((devs[k] == k * 1000 + 39).all())
         st = pool.stats()
         assert st.peak_reserved_bytes <= cap and st.active_requests == 0 and st.waiters == 0
+
+
+async def test_events_are_recorded_on_each_streams_own_device() -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    streams = [torch.cuda.Stream(device=d) for d in range(2)]
+    devs = [torch.empty(1 << 20, dtype=torch.uint8, device=f"cuda:{d}") for d in range(2)]
+    async with PinnedPool("cuda") as pool:
+        torch.cuda.set_device(1)
+        for _ in range(20):
+            buf = await pool.allocate(1 << 20)
+            for d in range(2):
+                with torch.cuda.stream(streams[d]):
+                    devs[d].copy_(buf.torch(), non_blocking=True)
+                assert buf.record_stream(streams[d])
+            assert buf.record_stream(None)  # the legacy stream of the current device (1)
+            buf.free()
+        torch.cuda.set_device(0)
+        for s in streams:
+            await pool.synchronize(s)
+        await pool.synchronize(None)
+        await until(lambda: pool.stats().pending_events == 0)
+        assert pool.stats().free_blocks >= 1 and pool.stats().active_requests == 0
