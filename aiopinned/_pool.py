@@ -390,12 +390,10 @@ class PinnedPool:
             buf._live.pop()
         except IndexError:
             raise InvalidBufferError("this buffer was already freed") from None
-        if get_ident() != self._thread_id:
+        if get_ident() == self._thread_id:
+            self._release(buf)
+        else:
             self._post(self._release, buf)
-            return
-        anchor = buf._anchor
-        if anchor is None or anchor() is None:  # else the last view's finalizer retires it
-            self._retire(buf)
 
     def _free_from_finalizer(self, buf: PinnedBuffer) -> None:
         """``PinnedBuffer.__del__``: never touch pool state from inside a finalizer."""
@@ -425,14 +423,7 @@ class PinnedPool:
         self._active_bytes -= block.size
         self._active_requests -= 1
         streams = block.streams
-        if not streams and self._state != _CLOSED:  # the common case, _return_block inlined
-            block.state = FREE
-            self._free.add(block)
-            self._returned += 1
-            if self._waiters:
-                self._serve_waiters()
-            return
-        if self._state == _CLOSED:
+        if not streams or self._state == _CLOSED:
             self._return_block(block)
             return
         backend, watcher = self._require_backend(), self._require_watcher()
@@ -755,10 +746,7 @@ class PinnedPool:
                     raise
                 # As CuPy does: unpin every idle block and try once more.
                 retried = True
-                victims = self._free.take_all()
-                for block in victims:
-                    self._unregister(block)
-                plan = _Plan(plan.size, victims)
+                plan = _Plan(plan.size, self._take_idle())
                 self._reserved += plan.charge
                 continue
             except Exception:  # the backend failed otherwise (a cancelled caller is adopted)
