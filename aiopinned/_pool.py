@@ -221,6 +221,9 @@ class PinnedPool:
         self._alloc_us_max = 0.0
         self._free_us = 0.0
         self._free_us_max = 0.0
+        self._num_waits = 0
+        self._wait_us = 0.0
+        self._wait_us_max = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> PinnedPool:
@@ -550,6 +553,9 @@ class PinnedPool:
             host_alloc_time_us_max=self._alloc_us_max,
             host_free_time_us_total=self._free_us,
             host_free_time_us_max=self._free_us_max,
+            num_waits=self._num_waits,
+            wait_time_us_total=self._wait_us,
+            wait_time_us_max=self._wait_us_max,
         )
 
     def __repr__(self) -> str:
@@ -628,13 +634,19 @@ class PinnedPool:
     async def _wait(self, size: int, deadline: float) -> Block | _Plan:
         waiter = _Waiter(size)
         self._waiters.append(waiter)
+        self._num_waits += 1
         self._spin()
+        start = time.perf_counter()
         try:
             with anyio.CancelScope(deadline=deadline):
                 await waiter.event.wait()
         except BaseException:
             self._abandon(waiter)
             raise
+        finally:
+            us = (time.perf_counter() - start) * 1e6
+            self._wait_us += us
+            self._wait_us_max = max(self._wait_us_max, us)
         grant = waiter.grant
         if grant is None:  # the deadline passed and nothing was handed over
             self._abandon(waiter)

@@ -39,6 +39,10 @@ class PoolStats:
     host_alloc_time_us_max: float
     host_free_time_us_total: float
     host_free_time_us_max: float
+    #: calls that had to queue for a block (under ``max_bytes``), and how long they waited
+    num_waits: int
+    wait_time_us_total: float
+    wait_time_us_max: float
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain ``dict`` (ready for JSON)."""

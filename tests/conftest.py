@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -79,17 +80,19 @@ def recording() -> RecordingBackend:
     return RecordingBackend()
 
 
-async def until(predicate: Callable[[], bool], steps: int = 1000) -> None:
+async def until(predicate: Callable[[], bool], steps: int = 1000, timeout: float = 1.0) -> None:
     """Step the loop until ``predicate()`` holds (callbacks posted from threads land in between).
 
-    Fails after ``steps`` steps rather than hanging.  Used only where work arrives from another
-    thread (a HostStream, a finalizer, a free() from a thread), whose timing the test does not own.
+    Fails after ``steps`` steps and then ``timeout`` seconds rather than hanging.  Used only where
+    work arrives from another thread or process (a HostStream, a finalizer, a free() from a
+    thread, an HTTP client), whose timing the test does not own.
     """
     for _ in range(steps):
         if predicate():
             return
         await anyio.sleep(0)
-    for _ in range(200):  # a thread may still be on its way: give it real time, bounded
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # a thread may still be on its way: real time, bounded
         if predicate():
             return
         await anyio.sleep(0.005)
