@@ -36,13 +36,14 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import math
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -393,11 +394,12 @@ def make_payloads(dims: Sequence[int], seed: int, rows: int, count: int
     out = []
     for _ in range(count):
         x = rng.standard_normal((rows, dims[0])).astype(np.float32)
-        out.append((x.tobytes(), reference(x, weights)))
+        out.append((x.tobytes(), reference(x, weights).astype(np.float32)))
     return out
 
 
 def check_answer(content: bytes, expected: np.ndarray) -> None:
+    """Raise ``AssertionError`` unless ``content`` is ``expected`` to float32 matmul precision."""
     got = np.frombuffer(content, np.float32)
     if got.size != expected.size:
         raise AssertionError(f"answer has {got.size} values, expected {expected.size}")
@@ -407,9 +409,13 @@ def check_answer(content: bytes, expected: np.ndarray) -> None:
         raise AssertionError(f"answer is off by {err:.3g} (scale {scale:.3g})")
 
 
-async def run_load(url: str, *, concurrency: int, requests: int, rows: int,
-                   warmup: int = 0) -> LoadReport:
-    """Drive ``url`` with ``concurrency`` clients; check every answer numerically."""
+async def run_load(url: str, *, concurrency: int, requests: int, rows: int, warmup: int = 0,
+                   before: Callable[[], Awaitable[object]] | None = None) -> LoadReport:
+    """Drive ``url`` with ``concurrency`` connections; check every answer numerically.
+
+    ``warmup`` requests are sent first and not measured; then ``before()`` is awaited (a start
+    signal shared by several client processes), then ``requests`` are measured.
+    """
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -432,6 +438,8 @@ async def run_load(url: str, *, concurrency: int, requests: int, rows: int,
                     latencies.append((t1 - t0) * 1e3)
 
         for total, record in ((warmup, False), (requests, True)):
+            if record and before is not None:
+                await before()
             turn = itertools.count()
             t0 = time.perf_counter()
             async with anyio.create_task_group() as tg:
@@ -439,6 +447,61 @@ async def run_load(url: str, *, concurrency: int, requests: int, rows: int,
                     tg.start_soon(one_client, total, record)
             seconds = time.perf_counter() - t0
     return LoadReport(len(latencies), seconds, latencies, len(payloads[0][0]))
+
+
+def client_process(args: argparse.Namespace) -> None:
+    """One load-client process (``load`` mode): warm up, say ``ready``, wait for ``go``, run,
+    and print its report as JSON."""
+
+    async def wait_for_go() -> None:
+        print("ready", flush=True)
+        line = await anyio.to_thread.run_sync(sys.stdin.readline)
+        if line.strip() != "go":
+            raise SystemExit("load client: no start signal")
+
+    report = anyio.run(lambda: run_load(args.url, concurrency=args.concurrency,
+                                        requests=args.requests, rows=args.rows,
+                                        warmup=args.warmup, before=wait_for_go))
+    print(json.dumps(asdict(report)), flush=True)
+
+
+async def run_clients(url: str, *, processes: int, concurrency: int, requests: int, rows: int,
+                      warmup: int) -> LoadReport:
+    """``run_load`` spread over client processes that start measuring together.
+
+    One Python process cannot drive a server faster than httpx and the answer checks run in it,
+    so the load comes from several, each with its share of the connections and requests.
+    """
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    share = [(concurrency * (k + 1) // processes - concurrency * k // processes,
+              requests * (k + 1) // processes - requests * k // processes)
+             for k in range(processes)]
+    procs = [
+        await anyio.open_process(
+            [sys.executable, os.path.abspath(__file__), "load", "--url", url,
+             "--concurrency", str(c), "--requests", str(r), "--rows", str(rows),
+             "--warmup", str(max(c, warmup * c // concurrency))],
+            stderr=None)
+        for c, r in share
+    ]
+    try:
+        outs = [BufferedByteReceiveStream(p.stdout) for p in procs]  # type: ignore[arg-type]
+        for out in outs:
+            if await out.receive_until(b"\n", 1 << 10) != b"ready":
+                raise RuntimeError("a load client did not get ready")
+        for p in procs:
+            await p.stdin.send(b"go\n")  # type: ignore[union-attr]
+        reports = [json.loads(await out.receive_until(b"\n", 1 << 26)) for out in outs]
+    finally:
+        for p in procs:
+            with anyio.move_on_after(10):
+                await p.wait()
+            if p.returncode is None:
+                p.kill()
+    latencies = [x for r in reports for x in r["latencies_ms"]]
+    return LoadReport(len(latencies), max(r["seconds"] for r in reports), latencies,
+                      reports[0]["request_bytes"])
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -452,7 +515,7 @@ def _serve_argv(args: argparse.Namespace, memory: str, port: int) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "serve", "--port", str(port),
             "--memory", memory, "--backend", args.backend, "--max-mib", str(args.max_mib),
             "--streams", str(args.streams), "--dim", str(args.dim), "--hidden", str(args.hidden),
-            "--log-level", "warning"]
+            "--layers", str(args.layers), "--log-level", "warning"]
 
 
 async def _wait_ready(url: str, proc: anyio.abc.Process, timeout: float = 120) -> None:
@@ -482,8 +545,9 @@ async def bench(args: argparse.Namespace) -> None:
                                         stderr=None)
         try:
             await _wait_ready(url, proc)
-            report = await run_load(url, concurrency=args.concurrency, requests=args.requests,
-                                    rows=args.rows, warmup=args.warmup)
+            report = await run_clients(url, processes=args.clients,
+                                       concurrency=args.concurrency, requests=args.requests,
+                                       rows=args.rows, warmup=args.warmup)
             async with httpx.AsyncClient(base_url=url) as client:
                 stats = (await client.get("/stats")).json()
                 model = (await client.get("/model")).json()
@@ -502,8 +566,8 @@ async def bench(args: argparse.Namespace) -> None:
     pool = results["pinned"][1]["pool"]
     mb = pin.request_bytes / MiB
     print(f"\n{model['engine']}, MLP {model['dims']}, {args.rows} rows = {mb:.2f} MiB "
-          f"in and out per request, {args.concurrency} concurrent clients, "
-          f"pool cap {args.max_mib} MiB")
+          f"in and out per request, {args.concurrency} connections from {args.clients} client "
+          f"processes, pool cap {args.max_mib} MiB")
     print(f"{'':>10} {'req/s':>9} {'MiB/s in':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in (("pinned", pin), ("pageable", page)):
         print(f"{name:>10} {r.rps:>9,.0f} {r.rps * mb:>9,.0f} {r.pct(50):>8.2f} {r.pct(99):>8.2f}")
@@ -519,20 +583,26 @@ async def bench(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", choices=("bench", "serve"), default="bench",
+    parser.add_argument("mode", nargs="?", choices=("bench", "serve", "load"), default="bench",
                         help="bench (default): server + load client, pinned vs pageable; "
-                             "serve: just the server")
+                             "serve: just the server; load: just a load client (--url)")
     parser.add_argument("--backend", choices=("auto", "cuda", "host"), default="auto")
     parser.add_argument("--memory", choices=("pinned", "pageable"), default="pinned",
                         help="serve: where the server stages tensors")
     parser.add_argument("--max-mib", type=int, default=16, help="the pool's cap (MiB)")
     parser.add_argument("--streams", type=int, default=8, help="device streams")
     parser.add_argument("--dim", type=int, default=0, help="model input/output width")
-    parser.add_argument("--hidden", type=int, default=0, help="hidden layer width")
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="hidden layer width (default 4096 on a GPU, 512 on the host)")
+    parser.add_argument("--layers", type=int, default=2, help="hidden layers")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--concurrency", type=int, default=32, help="bench: concurrent clients")
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="bench, load: concurrent connections")
+    parser.add_argument("--clients", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                        help="bench: load-client processes sharing them (default: a core in 4)")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="load: the server")
     parser.add_argument("--requests", type=int, default=0,
                         help="bench: requests measured (default 2000 on a GPU, 400 on the host)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -540,17 +610,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=0,
                         help="bench: rows per request (default 256 on a GPU, 64 on the host)")
     args = parser.parse_args(argv)
-    for name in ("max_mib", "streams", "concurrency"):
+    for name in ("max_mib", "streams", "concurrency", "clients", "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     if args.mode == "serve":
         config = ServerConfig(backend=args.backend, memory=args.memory,
                               max_bytes=args.max_mib * MiB, d_in=args.dim, hidden=args.hidden,
-                              streams=args.streams)
+                              layers=args.layers, streams=args.streams)
         uvicorn.run(create_app(config), host=args.host, port=args.port,
                     log_level=args.log_level, lifespan="on")
         return
+    if args.mode == "load":
+        client_process(args)
+        return
+    if args.clients > args.concurrency:
+        parser.error("--clients must be <= --concurrency")
     if args.backend == "auto":
         args.backend = "cuda" if _cuda_usable() else "host"
     gpu = args.backend == "cuda"
