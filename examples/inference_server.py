@@ -422,7 +422,7 @@ async def run_load(url: str, *, concurrency: int, requests: int, rows: int, warm
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         model = (await client.get("/model")).raise_for_status().json()
         payloads = await anyio.to_thread.run_sync(
-            make_payloads, model["dims"], model["seed"], rows, 8)
+            make_payloads, model["dims"], model["seed"], rows, 4)
         latencies: list[float] = []
         turn = itertools.count()
 
@@ -600,8 +600,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--concurrency", type=int, default=32,
                         help="bench, load: concurrent connections")
-    parser.add_argument("--clients", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
-                        help="bench: load-client processes sharing them (default: a core in 4)")
+    parser.add_argument("--clients", type=int, default=max(1, min(12, (os.cpu_count() or 1) - 4)),
+                        help="bench: load-client processes sharing them (default: all cores "
+                             "but 4, at most 12)")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="load: the server")
     parser.add_argument("--requests", type=int, default=0,
                         help="bench: requests measured (default 2000 on a GPU, 400 on the host)")

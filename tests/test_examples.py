@@ -56,11 +56,11 @@ DIMS = {"d_in": 32, "hidden": 48, "d_out": 16}  # in and out of different widths
 
 
 @contextlib.asynccontextmanager
-async def serving(**config: Any) -> AsyncIterator[tuple[Any, str]]:
+async def serving(http: str = "auto", **config: Any) -> AsyncIterator[tuple[Any, str]]:
     """The example's app under a real uvicorn server on a loopback port."""
     app = srv.create_app(srv.ServerConfig(backend="host", **{**DIMS, **config}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on",
-                                           log_level="warning"))
+                                           log_level="warning", http=http))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), "uvicorn did not start"
@@ -165,9 +165,10 @@ async def _raw_request(url: str, body: bytes, *, send: int | None = None
     return writer
 
 
-async def test_clients_that_disconnect_mid_request_leak_nothing() -> None:
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+async def test_clients_that_disconnect_mid_request_leak_nothing(http: str) -> None:
     rows = 256  # 32 KiB in, 16 KiB out: two requests' buffers and a third's input fill the cap
-    async with serving(max_bytes=128 * KB, streams=2) as (server, url):
+    async with serving(http, max_bytes=128 * KB, streams=2) as (server, url):
         (body, expected), = srv.make_payloads([32, 48, 48, 16], 0, rows, 1)
         pool: PinnedPool = server.pool
         with gated_streams(server) as gate:
