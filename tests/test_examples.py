@@ -282,3 +282,10 @@ def test_the_pipeline_command_prints_its_report(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "checksums verified" in out.stdout and "pageable" in out.stdout
+
+
+def test_the_quickstart_runs() -> None:
+    out = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "200 x 16 MiB staged" in out.stdout and "cache hits" in out.stdout
