@@ -239,7 +239,7 @@ class Server:
                 self.pool = None
 
     # -- one request, two ways ------------------------------------------------------------------
-    async def infer_pinned(self, body: bytes, rows: int) -> bytes:
+    async def infer_pinned(self, body: bytes | bytearray, rows: int) -> bytes:
         pool, engine = self._parts()
         d_in, d_out = self.dims[0], self.dims[-1]
         stream = engine.streams[next(self._turn) % len(engine.streams)]
@@ -256,7 +256,7 @@ class Server:
             await pool.synchronize(stream)
             return bytes(out.memoryview())
 
-    async def infer_pageable(self, body: bytes, rows: int) -> bytes:
+    async def infer_pageable(self, body: bytes | bytearray, rows: int) -> bytes:
         _, engine = self._parts()
         d_in, d_out = self.dims[0], self.dims[-1]
         stream = engine.streams[next(self._turn) % len(engine.streams)]
@@ -277,26 +277,32 @@ class Server:
     # -- HTTP -----------------------------------------------------------------------------------
     async def handle_infer(self, request: Request) -> Response:
         c = self.counters
+        d_in, d_out = self.dims[0], self.dims[-1]
+        # The largest body whose input and output both fit under the pool's cap.
+        limit = self.config.max_bytes // (4 * max(d_in, d_out)) * 4 * d_in
+        too_big = Response(f"more rows than fit the pool's cap of {self.config.max_bytes} "
+                           f"bytes (at most {limit // (4 * d_in)})\n", status_code=413)
+        if int(request.headers.get("content-length") or 0) > limit:
+            c.rejected += 1
+            return too_big
+        body = bytearray()
         try:
-            body = await request.body()
+            async for chunk in request.stream():  # bounded even without a Content-Length
+                body += chunk
+                if len(body) > limit:
+                    c.rejected += 1
+                    return too_big
         except ClientDisconnect:
             c.client_gone += 1
             return Response(status_code=499)
-        row_bytes = self.dims[0] * 4
-        if not body or len(body) % row_bytes:
+        if not body or len(body) % (4 * d_in):
             c.rejected += 1
             return Response(
-                f"the body must be a whole number (>= 1) of {self.dims[0]} float32 rows "
-                f"({row_bytes} bytes each); got {len(body)} bytes\n",
+                f"the body must be a whole number (>= 1) of {d_in} float32 rows "
+                f"({4 * d_in} bytes each); got {len(body)} bytes\n",
                 status_code=400,
             )
-        rows = len(body) // row_bytes
-        if max(len(body), rows * self.dims[-1] * 4) > self.config.max_bytes:
-            c.rejected += 1
-            return Response(
-                f"{rows} rows need more than the pool's cap of {self.config.max_bytes} bytes\n",
-                status_code=413,
-            )
+        rows = len(body) // (4 * d_in)
         infer = self.infer_pinned if self.config.memory == "pinned" else self.infer_pageable
         c.in_flight += 1
         c.peak_in_flight = max(c.peak_in_flight, c.in_flight)

@@ -118,9 +118,16 @@ async def test_bad_requests_get_a_clear_error_at_once() -> None:
         assert r.status_code == 400
         r = await c.post("/infer", content=b"\0" * (32 * 4 * 1024))  # 128 KiB > the cap
         assert r.status_code == 413 and "cap" in r.text
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: cut off while read
+            for _ in range(1024):
+                yield b"\0" * (32 * 4)
+
+        r = await c.post("/infer", content=chunks())
+        assert r.status_code == 413 and "at most 512" in r.text
         assert (await c.get("/infer")).status_code == 405
         stats = (await c.get("/stats")).json()
-    assert stats["server"]["rejected"] == 3 and stats["pool"]["reserved_bytes"] == 0
+    assert stats["server"]["rejected"] == 4 and stats["pool"]["reserved_bytes"] == 0
 
 
 async def test_overload_waits_for_buffers_instead_of_pinning_more() -> None:
