@@ -42,6 +42,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -415,20 +416,35 @@ def check_answer(content: bytes, expected: np.ndarray) -> None:
         raise AssertionError(f"answer is off by {err:.3g} (scale {scale:.3g})")
 
 
+def save_payloads(path: str, payloads: list[tuple[bytes, np.ndarray]]) -> None:
+    np.savez(path, *[np.frombuffer(b, np.uint8) for b, _ in payloads],
+             *[expected for _, expected in payloads])
+
+
+def load_payloads(path: str) -> list[tuple[bytes, np.ndarray]]:
+    with np.load(path) as f:
+        arrays = [f[f"arr_{i}"] for i in range(len(f.files))]
+    half = len(arrays) // 2
+    return [(a.tobytes(), e) for a, e in zip(arrays[:half], arrays[half:], strict=True)]
+
+
 async def run_load(url: str, *, concurrency: int, requests: int, rows: int, warmup: int = 0,
+                   payloads: list[tuple[bytes, np.ndarray]] | None = None,
                    before: Callable[[], Awaitable[object]] | None = None) -> LoadReport:
     """Drive ``url`` with ``concurrency`` connections; check every answer numerically.
 
-    ``warmup`` requests are sent first and not measured; then ``before()`` is awaited (a start
-    signal shared by several client processes), then ``requests`` are measured.
+    ``payloads`` (bodies and expected answers) are made from the server's ``/model`` unless
+    given.  ``warmup`` requests are sent first and not measured; then ``before()`` is awaited (a
+    start signal shared by several client processes), then ``requests`` are measured.
     """
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        model = (await client.get("/model")).raise_for_status().json()
-        payloads = await anyio.to_thread.run_sync(
-            make_payloads, model["dims"], model["seed"], rows, 4)
+        if payloads is None:
+            model = (await client.get("/model")).raise_for_status().json()
+            payloads = await anyio.to_thread.run_sync(
+                make_payloads, model["dims"], model["seed"], rows, 4)
         latencies: list[float] = []
         turn = itertools.count()
 
@@ -465,18 +481,21 @@ def client_process(args: argparse.Namespace) -> None:
         if line.strip() != "go":
             raise SystemExit("load client: no start signal")
 
+    payloads = load_payloads(args.payloads) if args.payloads else None
     report = anyio.run(lambda: run_load(args.url, concurrency=args.concurrency,
                                         requests=args.requests, rows=args.rows,
-                                        warmup=args.warmup, before=wait_for_go))
+                                        warmup=args.warmup, payloads=payloads,
+                                        before=wait_for_go))
     print(json.dumps(asdict(report)), flush=True)
 
 
 async def run_clients(url: str, *, processes: int, concurrency: int, requests: int, rows: int,
-                      warmup: int) -> LoadReport:
+                      warmup: int, payloads: str) -> LoadReport:
     """``run_load`` spread over client processes that start measuring together.
 
     One Python process cannot drive a server faster than httpx and the answer checks run in it,
-    so the load comes from several, each with its share of the connections and requests.
+    so the load comes from several, each with its share of the connections and requests, all
+    sending the bodies saved in the file ``payloads``.
     """
     from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -487,7 +506,7 @@ async def run_clients(url: str, *, processes: int, concurrency: int, requests: i
         await anyio.open_process(
             [sys.executable, os.path.abspath(__file__), "load", "--url", url,
              "--concurrency", str(c), "--requests", str(r), "--rows", str(rows),
-             "--warmup", str(max(c, warmup * c // concurrency))],
+             "--warmup", str(max(c, warmup * c // concurrency)), "--payloads", payloads],
             stderr=None)
         for c, r in share
     ]
@@ -544,29 +563,39 @@ async def bench(args: argparse.Namespace) -> None:
     import httpx
 
     results = {}
-    for memory in ("pinned", "pageable"):
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = await anyio.open_process(_serve_argv(args, memory, port), stdout=None,
-                                        stderr=None)
-        try:
-            await _wait_ready(url, proc)
-            report = await run_clients(url, processes=args.clients,
-                                       concurrency=args.concurrency, requests=args.requests,
-                                       rows=args.rows, warmup=args.warmup)
-            async with httpx.AsyncClient(base_url=url) as client:
-                stats = (await client.get("/stats")).json()
-                model = (await client.get("/model")).json()
-        finally:
-            proc.send_signal(signal.SIGINT)  # uvicorn shuts down, the pool closes
-            with anyio.move_on_after(30) as scope:
-                await proc.wait()
-            if scope.cancelled_caught:
-                proc.kill()
-                await proc.wait()
-        results[memory] = (report, stats)
-        print(f"{memory:>8}: {report.requests} requests checked, {report.rps:,.0f} req/s, "
-              f"p50 {report.pct(50):.2f} ms, p99 {report.pct(99):.2f} ms", flush=True)
+    tmp = tempfile.TemporaryDirectory(prefix="aiopinned-load-")
+    payloads = os.path.join(tmp.name, "payloads.npz")
+    try:
+        for memory in ("pinned", "pageable"):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = await anyio.open_process(_serve_argv(args, memory, port), stdout=None,
+                                            stderr=None)
+            try:
+                await _wait_ready(url, proc)
+                async with httpx.AsyncClient(base_url=url) as client:
+                    model = (await client.get("/model")).json()
+                if not os.path.exists(payloads):  # the same model on both servers
+                    made = await anyio.to_thread.run_sync(
+                        make_payloads, model["dims"], model["seed"], args.rows, 4)
+                    save_payloads(payloads, made)
+                report = await run_clients(url, processes=args.clients,
+                                           concurrency=args.concurrency, requests=args.requests,
+                                           rows=args.rows, warmup=args.warmup, payloads=payloads)
+                async with httpx.AsyncClient(base_url=url) as client:
+                    stats = (await client.get("/stats")).json()
+            finally:
+                proc.send_signal(signal.SIGINT)  # uvicorn shuts down, the pool closes
+                with anyio.move_on_after(30) as scope:
+                    await proc.wait()
+                if scope.cancelled_caught:
+                    proc.kill()
+                    await proc.wait()
+            results[memory] = (report, stats)
+            print(f"{memory:>8}: {report.requests} requests checked, {report.rps:,.0f} req/s, "
+                  f"p50 {report.pct(50):.2f} ms, p99 {report.pct(99):.2f} ms", flush=True)
+    finally:
+        tmp.cleanup()
 
     pin, page = results["pinned"][0], results["pageable"][0]
     pool = results["pinned"][1]["pool"]
@@ -606,10 +635,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--concurrency", type=int, default=32,
                         help="bench, load: concurrent connections")
-    parser.add_argument("--clients", type=int, default=max(1, min(12, (os.cpu_count() or 1) - 4)),
+    parser.add_argument("--clients", type=int, default=None,
                         help="bench: load-client processes sharing them (default: all cores "
-                             "but 4, at most 12)")
+                             "but 4, at most 12, at most one per connection)")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="load: the server")
+    parser.add_argument("--payloads", help="load: request bodies and answers (.npz)")
     parser.add_argument("--requests", type=int, default=0,
                         help="bench: requests measured (default 2000 on a GPU, 400 on the host)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -617,6 +647,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=0,
                         help="bench: rows per request (default 256 on a GPU, 64 on the host)")
     args = parser.parse_args(argv)
+    if args.clients is None:
+        args.clients = max(1, min(12, (os.cpu_count() or 1) - 4, args.concurrency))
     for name in ("max_mib", "streams", "concurrency", "clients", "layers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

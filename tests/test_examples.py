@@ -212,7 +212,7 @@ async def _walk_away(server: Any, url: str, body: bytes, gate: threading.Event) 
 def test_the_main_command_runs_server_and_load_client() -> None:
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / "inference_server.py"), "--backend", "host",
-         "--requests", "60", "--concurrency", "4", "--max-mib", "1"],
+         "--requests", "60", "--concurrency", "4", "--clients", "2", "--max-mib", "1"],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert out.returncode == 0, out.stderr
