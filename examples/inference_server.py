@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import json
 import math
@@ -109,7 +110,9 @@ class NumpyEngine:
 
     def to_device(self, stream: HostStream, host: np.ndarray) -> np.ndarray:
         dev = np.empty_like(host)
-        stream.launch(np.copyto, dev, host)
+        # Host memory goes by address, as a DMA engine sees it: the queued copy holds no
+        # reference that would keep a freed buffer from being reused before the copy has run.
+        stream.launch(_copy_by_address, dev, dev.ctypes.data, host.ctypes.data, host.nbytes)
         return dev
 
     def forward(self, stream: HostStream, x: np.ndarray) -> np.ndarray:
@@ -127,10 +130,15 @@ class NumpyEngine:
         out[...] = h
 
     def to_host(self, stream: HostStream, dev: np.ndarray, host: np.ndarray) -> None:
-        stream.launch(np.copyto, host, dev)
+        stream.launch(_copy_by_address, dev, host.ctypes.data, dev.ctypes.data, dev.nbytes)
 
     def synchronize(self, stream: HostStream) -> None:
         stream.synchronize()
+
+
+def _copy_by_address(device_array: np.ndarray, dst: int, src: int, nbytes: int) -> None:
+    """``memmove``, keeping the engine's own ("device") array alive until it has run."""
+    ctypes.memmove(dst, src, nbytes)
 
 
 class TorchEngine:
@@ -252,9 +260,14 @@ class Server:
         del x
         async with pool.buffer(rows * d_out * 4) as out:
             engine.to_host(stream, y, engine.pinned(out, (rows, d_out)))
-            out.record_stream(stream)  # a cancelled request frees it with the copy in flight
             del y
-            await pool.synchronize(stream)
+            try:
+                await pool.synchronize(stream)
+            except BaseException:  # cancelled (the client left) with the copy in flight:
+                out.record_stream(stream)  # the block is reused only once the copy is done
+                raise
+            # The copy is done: freed without a stream, the block is idle at once, instead of
+            # waiting for whatever other requests have queued on the stream since.
             return bytes(out.memoryview())
 
     async def infer_pageable(self, body: bytes | bytearray, rows: int) -> bytes:
