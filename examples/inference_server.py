@@ -615,7 +615,10 @@ async def bench(args: argparse.Namespace) -> None:
     mb = pin.request_bytes / MiB
     print(f"\n{model['engine']}, MLP {model['dims']}, {args.rows} rows = {mb:.2f} MiB "
           f"in and out per request, {args.concurrency} connections from {args.clients} client "
-          f"processes, pool cap {args.max_mib} MiB")
+          f"process{'es' if args.clients > 1 else ''}, pool cap {args.max_mib} MiB")
+    if args.backend == "host":
+        print("(host backend: both servers stage in ordinary memory and no bus is crossed, so this "
+              "compares the code paths only)")
     print(f"{'':>10} {'req/s':>9} {'MiB/s in':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in (("pinned", pin), ("pageable", page)):
         print(f"{name:>10} {r.rps:>9,.0f} {r.rps * mb:>9,.0f} {r.pct(50):>8.2f} {r.pct(99):>8.2f}")
