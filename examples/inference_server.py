@@ -686,6 +686,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     gpu = args.backend == "cuda"
     args.rows = args.rows or (256 if gpu else 64)
     args.requests = args.requests or (2000 if gpu else 400)
+    dims = ServerConfig(d_in=args.dim, hidden=args.hidden, layers=args.layers).dims(gpu)
+    if args.rows * 4 * max(dims[0], dims[-1]) > args.max_mib * MiB:
+        parser.error(f"{args.rows} rows of {max(dims[0], dims[-1])} float32 do not fit the pool's "
+                     f"cap of {args.max_mib} MiB: raise --max-mib or lower --rows")
     if args.warmup is None:
         args.warmup = args.concurrency * 4
     asyncio.run(bench(args))

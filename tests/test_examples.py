@@ -295,3 +295,20 @@ def test_the_quickstart_runs() -> None:
                          capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
     assert "200 x 16 MiB staged" in out.stdout and "cache hits" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "message"),
+    [
+        (srv, ["--concurrency", "0"], "--concurrency must be >= 1"),
+        (srv, ["--concurrency", "2", "--clients", "3"], "--clients must be <= --concurrency"),
+        (srv, ["--backend", "host", "--rows", "100000", "--max-mib", "1"], "do not fit"),
+        (pipe, ["--backend", "host", "--depth", "2", "--readers", "3"], "--readers <= --depth"),
+    ],
+)
+def test_bad_command_lines_are_refused_at_once(
+    module: ModuleType, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
