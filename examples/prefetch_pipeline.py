@@ -24,6 +24,7 @@ the same shards, and the reads alone.  It prints GB/s and how long the compute s
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -205,18 +206,20 @@ class HostDevice:
         return buf.numpy()
 
     def submit(self, i: int, host: np.ndarray) -> None:
-        self.copy_stream.launch(self._copy, i, host)
+        # By address, as a DMA engine reads it: the queued copy keeps no view of the buffer, so
+        # only record_stream keeps a freed buffer from being reused before the copy has run.
+        self.copy_stream.launch(self._copy, i, host.ctypes.data, host.nbytes)
         self.compute_stream.launch(self._compute, i)
 
     def submit_pageable(self, i: int, host: np.ndarray) -> None:
         self.submit(i, host)
         self.copied[i].wait()  # as CUDA does: return once the data is out of the buffer
 
-    def _copy(self, i: int, host: np.ndarray) -> None:
+    def _copy(self, i: int, src: int, nbytes: int) -> None:
         n = len(self.slots)
         if i >= n:
             self.computed[i - n].wait()
-        np.copyto(self.slots[i % n], host)
+        ctypes.memmove(self.slots[i % n].ctypes.data, src, nbytes)
         self.copied[i].set()
 
     def _compute(self, i: int) -> None:

@@ -242,6 +242,27 @@ async def test_the_pipeline_delivers_every_shard_once_in_order(dataset: Any) -> 
     assert report.compute_busy_s > 0
 
 
+async def test_read_ahead_stops_at_the_cap_until_copies_finish(dataset: Any) -> None:
+    read: list[int] = []
+    async with PinnedPool("host", max_bytes=3 * SHARD) as pool:
+        device = pipe.HostDevice(dataset.count, SHARD, work=0)
+        gate = threading.Event()
+        device.copy_stream.launch(gate.wait)  # the copies are held back
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: pipe.pinned_pipeline(
+                    dataset, pool, device, readers=2, after_read=lambda i, _: read.append(i)))
+                await until(lambda: pool.stats().waiters == 1, timeout=5)
+                await anyio.sleep(0.05)
+                # Three shards read and handed to copies that have not run: their blocks are
+                # not reused, so the reader waits and the shards cannot be overwritten.
+                assert sorted(read) == [0, 1, 2] and pool.stats().free_blocks == 0
+                gate.set()
+        finally:
+            gate.set()
+    assert sorted(read) == list(range(12))  # and pinned_pipeline verified every checksum
+
+
 async def test_the_pipeline_catches_a_corrupted_shard(dataset: Any) -> None:
     def corrupt(i: int, buf: Any) -> None:
         if i == 5:
