@@ -383,7 +383,7 @@ class PinnedPool:
         Raises:
             InvalidBufferError: freed twice, or not from this pool.
         """
-        if type(buf) is not PinnedBuffer and not isinstance(buf, PinnedBuffer):
+        if not isinstance(buf, PinnedBuffer):
             raise TypeError(f"free() takes a PinnedBuffer, not {type(buf).__name__}")
         if buf._pool is not self:
             raise InvalidBufferError("this buffer belongs to another pool")

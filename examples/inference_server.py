@@ -76,14 +76,20 @@ def make_weights(dims: Sequence[int], seed: int) -> list[tuple[np.ndarray, np.nd
     ]
 
 
+def mlp(x: np.ndarray, weights: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The model in NumPy, in ``x``'s precision."""
+    h = x
+    for i, (w, b) in enumerate(weights):
+        h = h @ w
+        h += b
+        if i < len(weights) - 1:
+            np.maximum(h, 0.0, out=h)
+    return h
+
+
 def reference(x: np.ndarray, weights: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The model in float64: what every answer is checked against."""
-    h = x.astype(np.float64)
-    for i, (w, b) in enumerate(weights):
-        h = h @ w + b
-        if i < len(weights) - 1:
-            h = np.maximum(h, 0.0)
-    return h
+    return mlp(x.astype(np.float64), weights)
 
 
 class NumpyEngine:
@@ -117,17 +123,11 @@ class NumpyEngine:
 
     def forward(self, stream: HostStream, x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], self.weights[-1][0].shape[1]), np.float32)
-        stream.launch(self._mlp, x, y)
+        stream.launch(self._forward, x, y)
         return y
 
-    def _mlp(self, x: np.ndarray, out: np.ndarray) -> None:
-        h = x
-        for i, (w, b) in enumerate(self.weights):
-            h = h @ w
-            h += b
-            if i < len(self.weights) - 1:
-                np.maximum(h, 0.0, out=h)
-        out[...] = h
+    def _forward(self, x: np.ndarray, out: np.ndarray) -> None:
+        out[...] = mlp(x, self.weights)
 
     def to_host(self, stream: HostStream, dev: np.ndarray, host: np.ndarray) -> None:
         stream.launch(_copy_by_address, dev, host.ctypes.data, dev.ctypes.data, dev.nbytes)
@@ -207,6 +207,11 @@ class ServerConfig:
         d_out = self.d_out or d_in
         return [d_in, *([hidden] * self.layers), d_out]
 
+    def max_rows(self, gpu: bool) -> int:
+        """The most rows a request may have: its input and its output both fit under the cap."""
+        dims = self.dims(gpu)
+        return self.max_bytes // (4 * max(dims[0], dims[-1]))
+
 
 @dataclass
 class Counters:
@@ -228,6 +233,7 @@ class Server:
         self.pool: PinnedPool | None = None
         self.engine: NumpyEngine | TorchEngine | None = None
         self.dims: list[int] = []
+        self.max_rows = 0
         self._turn = itertools.count()
 
     @contextlib.asynccontextmanager
@@ -238,6 +244,7 @@ class Server:
                 raise RuntimeError("the cuda backend needs torch for the model; install torch, "
                                    "or run with --backend host")
             self.dims = self.config.dims(gpu)
+            self.max_rows = self.config.max_rows(gpu)
             weights = make_weights(self.dims, self.config.seed)
             engine_type = TorchEngine if gpu else NumpyEngine
             self.engine = await anyio.to_thread.run_sync(engine_type, weights, self.config.streams)
@@ -251,7 +258,7 @@ class Server:
     async def infer_pinned(self, body: bytes | bytearray, rows: int) -> bytes:
         pool, engine = self._parts()
         d_in, d_out = self.dims[0], self.dims[-1]
-        stream = engine.streams[next(self._turn) % len(engine.streams)]
+        stream = self._next_stream(engine)
         async with pool.buffer(len(body)) as inp:
             inp.memoryview()[:] = body
             x = engine.to_device(stream, engine.pinned(inp, (rows, d_in)))
@@ -273,7 +280,7 @@ class Server:
     async def infer_pageable(self, body: bytes | bytearray, rows: int) -> bytes:
         _, engine = self._parts()
         d_in, d_out = self.dims[0], self.dims[-1]
-        stream = engine.streams[next(self._turn) % len(engine.streams)]
+        stream = self._next_stream(engine)
         inp = engine.pageable((rows, d_in))
         memoryview(engine.as_numpy(inp)).cast("B")[:] = body
         x = engine.to_device(stream, inp)
@@ -283,6 +290,9 @@ class Server:
         await anyio.to_thread.run_sync(engine.synchronize, stream)
         return engine.as_numpy(out).tobytes()
 
+    def _next_stream(self, engine: NumpyEngine | TorchEngine) -> Any:
+        return engine.streams[next(self._turn) % len(engine.streams)]
+
     def _parts(self) -> tuple[PinnedPool, NumpyEngine | TorchEngine]:
         if self.pool is None or self.engine is None:
             raise RuntimeError("the server is not running")
@@ -291,21 +301,16 @@ class Server:
     # -- HTTP -----------------------------------------------------------------------------------
     async def handle_infer(self, request: Request) -> Response:
         c = self.counters
-        d_in, d_out = self.dims[0], self.dims[-1]
-        # The largest body whose input and output both fit under the pool's cap.
-        limit = self.config.max_bytes // (4 * max(d_in, d_out)) * 4 * d_in
-        too_big = Response(f"more rows than fit the pool's cap of {self.config.max_bytes} "
-                           f"bytes (at most {limit // (4 * d_in)})\n", status_code=413)
+        d_in = self.dims[0]
+        limit = self.max_rows * 4 * d_in
         if int(request.headers.get("content-length") or 0) > limit:
-            c.rejected += 1
-            return too_big
+            return self._too_big()
         body = bytearray()
         try:
             async for chunk in request.stream():  # bounded even without a Content-Length
                 body += chunk
                 if len(body) > limit:
-                    c.rejected += 1
-                    return too_big
+                    return self._too_big()
         except ClientDisconnect:
             c.client_gone += 1
             return Response(status_code=499)
@@ -329,6 +334,11 @@ class Server:
             return Response(status_code=499)
         c.ok += 1
         return Response(answer, media_type=OCTETS, headers={"x-rows": str(rows)})
+
+    def _too_big(self) -> Response:
+        self.counters.rejected += 1
+        return Response(f"more rows than fit the pool's cap of {self.config.max_bytes} bytes "
+                        f"(at most {self.max_rows})\n", status_code=413)
 
     async def handle_model(self, request: Request) -> Response:
         engine = self.engine
@@ -429,7 +439,9 @@ def check_answer(content: bytes, expected: np.ndarray) -> None:
         raise AssertionError(f"answer is off by {err:.3g} (scale {scale:.3g})")
 
 
-def save_payloads(path: str, payloads: list[tuple[bytes, np.ndarray]]) -> None:
+def save_payloads(path: str, dims: Sequence[int], seed: int, rows: int, count: int) -> None:
+    """``make_payloads``, written to ``path`` for the client processes to load."""
+    payloads = make_payloads(dims, seed, rows, count)
     np.savez(path, *[np.frombuffer(b, np.uint8) for b, _ in payloads],
              *[expected for _, expected in payloads])
 
@@ -589,9 +601,8 @@ async def bench(args: argparse.Namespace) -> None:
                 async with httpx.AsyncClient(base_url=url) as client:
                     model = (await client.get("/model")).json()
                 if not os.path.exists(payloads):  # the same model on both servers
-                    made = await anyio.to_thread.run_sync(
-                        make_payloads, model["dims"], model["seed"], args.rows, 4)
-                    save_payloads(payloads, made)
+                    await anyio.to_thread.run_sync(
+                        save_payloads, payloads, model["dims"], model["seed"], args.rows, 4)
                 report = await run_clients(url, processes=args.clients,
                                            concurrency=args.concurrency, requests=args.requests,
                                            rows=args.rows, warmup=args.warmup, payloads=payloads)
@@ -669,10 +680,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
+    config = ServerConfig(backend=args.backend, memory=args.memory, max_bytes=args.max_mib * MiB,
+                          d_in=args.dim, hidden=args.hidden, layers=args.layers,
+                          streams=args.streams)
     if args.mode == "serve":
-        config = ServerConfig(backend=args.backend, memory=args.memory,
-                              max_bytes=args.max_mib * MiB, d_in=args.dim, hidden=args.hidden,
-                              layers=args.layers, streams=args.streams)
         uvicorn.run(create_app(config), host=args.host, port=args.port,
                     log_level=args.log_level, lifespan="on")
         return
@@ -686,10 +697,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     gpu = args.backend == "cuda"
     args.rows = args.rows or (256 if gpu else 64)
     args.requests = args.requests or (2000 if gpu else 400)
-    dims = ServerConfig(d_in=args.dim, hidden=args.hidden, layers=args.layers).dims(gpu)
-    if args.rows * 4 * max(dims[0], dims[-1]) > args.max_mib * MiB:
-        parser.error(f"{args.rows} rows of {max(dims[0], dims[-1])} float32 do not fit the pool's "
-                     f"cap of {args.max_mib} MiB: raise --max-mib or lower --rows")
+    if args.rows > config.max_rows(gpu):
+        parser.error(f"{args.rows} rows do not fit the pool's cap of {args.max_mib} MiB (at most "
+                     f"{config.max_rows(gpu)}): raise --max-mib or lower --rows")
     if args.warmup is None:
         args.warmup = args.concurrency * 4
     asyncio.run(bench(args))

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,31 +271,28 @@ def verify(ds: Dataset, delivered: list[int], sums: list[int]) -> None:
         raise ChecksumError(f"{len(bad)} shards failed their checksum, first {bad[:10]}")
 
 
-async def pinned_pipeline(ds: Dataset, pool: PinnedPool, device: TorchDevice | HostDevice | None,
-                          *, readers: int, name: str = "aiopinned",
-                          after_read: Callable[[int, Any], None] | None = None) -> Report:
-    """One pass over the dataset through ``pool`` (``device=None``: the reads alone).
+async def read_in_order(ds: Dataset, *, readers: int, acquire: Callable[[], Awaitable[Any]],
+                        memory_of: Callable[[Any], memoryview],
+                        consume: Callable[[int, Any], Awaitable[None]]) -> list[int]:
+    """Read every shard into a buffer from ``acquire()``; ``consume(i, buf)`` each, in order.
 
-    ``pool.max_bytes`` bounds the read-ahead; ``after_read(i, buf)`` (tests) sees each shard as
-    it lands.
+    One task acquires buffers in shard order (so whatever bounds ``acquire`` bounds the
+    read-ahead, and the buffers held are always the oldest shards'), ``readers`` shards are read
+    at once in worker threads, and shards are consumed in order as their reads finish.  Returns
+    the shard indices in the order they were consumed.
     """
     limiter = anyio.CapacityLimiter(readers)
     send, recv = anyio.create_memory_object_stream[tuple[int, Any, anyio.Event]](ds.count)
     delivered: list[int] = []
-    waits_before = pool.stats().num_waits
-    t0 = time.perf_counter()
 
     async def read(i: int, buf: Any, done: anyio.Event) -> None:
-        await anyio.to_thread.run_sync(read_into, ds.path(i), buf.memoryview(),
-                                       limiter=limiter)
-        if after_read is not None:
-            after_read(i, buf)
+        await anyio.to_thread.run_sync(read_into, ds.path(i), memory_of(buf), limiter=limiter)
         done.set()
 
     async def produce() -> None:
         async with send, anyio.create_task_group() as readers_tg:
             for i in range(ds.count):
-                buf = await pool.allocate(ds.shard_bytes)  # waits while `depth` are out
+                buf = await acquire()
                 done = anyio.Event()
                 send.send_nowait((i, buf, done))
                 readers_tg.start_soon(read, i, buf, done)
@@ -306,10 +303,32 @@ async def pinned_pipeline(ds: Dataset, pool: PinnedPool, device: TorchDevice | H
             async for i, buf, done in recv:
                 await done.wait()
                 delivered.append(i)
-                if device is not None:
-                    device.submit(i, device.host_view(buf))
-                    buf.record_stream(device.copy_stream)
-                buf.free()
+                await consume(i, buf)
+    return delivered
+
+
+async def pinned_pipeline(ds: Dataset, pool: PinnedPool, device: TorchDevice | HostDevice | None,
+                          *, readers: int, name: str = "aiopinned",
+                          after_read: Callable[[int, Any], None] | None = None) -> Report:
+    """One pass over the dataset through ``pool`` (``device=None``: the reads alone).
+
+    ``pool.max_bytes`` bounds the read-ahead; ``after_read(i, buf)`` (tests) sees each shard as
+    it is consumed.
+    """
+    waits_before = pool.stats().num_waits
+    t0 = time.perf_counter()
+
+    async def consume(i: int, buf: Any) -> None:
+        if after_read is not None:
+            after_read(i, buf)
+        if device is not None:
+            device.submit(i, device.host_view(buf))
+            buf.record_stream(device.copy_stream)  # comes back once its copy is done
+        buf.free()
+
+    delivered = await read_in_order(
+        ds, readers=readers, acquire=lambda: pool.allocate(ds.shard_bytes),
+        memory_of=lambda buf: buf.memoryview(), consume=consume)
     if device is not None:
         await pool.synchronize(device.compute_stream)
     seconds = time.perf_counter() - t0
@@ -326,36 +345,19 @@ async def pinned_pipeline(ds: Dataset, pool: PinnedPool, device: TorchDevice | H
 async def pageable_pipeline(ds: Dataset, buffers: list[np.ndarray],
                             device: TorchDevice | HostDevice, *, readers: int) -> Report:
     """The same pipeline on pageable ``buffers``, recycled by hand (their number bounds it)."""
-    limiter = anyio.CapacityLimiter(readers)
     free_send, free_recv = anyio.create_memory_object_stream[np.ndarray](len(buffers))
     for arr in buffers:
         free_send.send_nowait(arr)
-    send, recv = anyio.create_memory_object_stream[tuple[int, np.ndarray, anyio.Event]](ds.count)
-    delivered: list[int] = []
     t0 = time.perf_counter()
 
-    async def read(i: int, arr: np.ndarray, done: anyio.Event) -> None:
-        await anyio.to_thread.run_sync(read_into, ds.path(i), memoryview(arr), limiter=limiter)
-        done.set()
+    async def consume(i: int, arr: np.ndarray) -> None:
+        # A copy from pageable memory blocks its caller until the data is staged: it runs in a
+        # thread, and the buffer can be reused once it returns.
+        await anyio.to_thread.run_sync(device.submit_pageable, i, arr)
+        free_send.send_nowait(arr)
 
-    async def produce() -> None:
-        async with send, anyio.create_task_group() as readers_tg:
-            for i in range(ds.count):
-                arr = await free_recv.receive()
-                done = anyio.Event()
-                send.send_nowait((i, arr, done))
-                readers_tg.start_soon(read, i, arr, done)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(produce)
-        async with recv:
-            async for i, arr, done in recv:
-                await done.wait()
-                delivered.append(i)
-                # A copy from pageable memory blocks its caller until the data is staged: it
-                # runs in a thread, and the buffer can be reused once it returns.
-                await anyio.to_thread.run_sync(device.submit_pageable, i, arr)
-                free_send.send_nowait(arr)
+    delivered = await read_in_order(ds, readers=readers, acquire=free_recv.receive,
+                                    memory_of=memoryview, consume=consume)
     sums, busy = await anyio.to_thread.run_sync(device.finish)
     seconds = time.perf_counter() - t0
     verify(ds, delivered, sums)

@@ -53,6 +53,21 @@ def anyio_backend() -> str:
 
 # -- the inference server -------------------------------------------------------------------------
 DIMS = {"d_in": 32, "hidden": 48, "d_out": 16}  # in and out of different widths on purpose
+MODEL = [32, 48, 48, 16]
+
+
+def payload(rows: int) -> tuple[bytes, np.ndarray]:
+    """A request body of ``rows`` rows for the test model, and the answer it must get."""
+    ((body, expected),) = srv.make_payloads(MODEL, 0, rows, 1)
+    return body, expected
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/<name>.py`` as a user would; fail with its stderr if it fails."""
+    out = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -93,14 +108,14 @@ async def test_every_answer_is_numerically_right() -> None:
             assert report.requests == 24  # run_load checked each answer against float64
         async with httpx.AsyncClient(base_url=url) as client:
             model = (await client.get("/model")).json()
-            assert model["dims"] == [32, 48, 48, 16] and model["engine"] == "numpy (host)"
+            assert model["dims"] == MODEL and model["engine"] == "numpy (host)"
             stats = (await client.get("/stats")).json()
     assert stats["server"]["ok"] == 72 and stats["pool"]["active_bytes"] == 0
     assert stats["pool"]["cache_hits"] > 0
 
 
 def test_the_answer_check_catches_a_wrong_answer() -> None:
-    ((_, expected),) = srv.make_payloads([32, 48, 48, 16], 0, 5, 1)
+    _, expected = payload(5)
     srv.check_answer(expected.astype(np.float32).tobytes(), expected)
     wrong = expected.astype(np.float32)
     wrong[2, 3] += 0.05
@@ -133,7 +148,7 @@ async def test_bad_requests_get_a_clear_error_at_once() -> None:
 async def test_overload_waits_for_buffers_instead_of_pinning_more() -> None:
     rows, cap, n = 512, 256 * KB, 48  # 64 KiB in, 32 KiB out; 48 requests at once
     async with serving(max_bytes=cap, streams=4) as (server, url):
-        (body, expected), = srv.make_payloads([32, 48, 48, 16], 0, rows, 1)
+        body, expected = payload(rows)
         answers: list[bytes] = []
         limits = httpx.Limits(max_connections=n)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
@@ -176,7 +191,7 @@ async def _raw_request(url: str, body: bytes, *, send: int | None = None
 async def test_clients_that_disconnect_mid_request_leak_nothing(http: str) -> None:
     rows = 256  # 32 KiB in, 16 KiB out: two requests' buffers and a third's input fill the cap
     async with serving(http, max_bytes=128 * KB, streams=2) as (server, url):
-        (body, expected), = srv.make_payloads([32, 48, 48, 16], 0, rows, 1)
+        body, expected = payload(rows)
         pool: PinnedPool = server.pool
         with gated_streams(server) as gate:
             await _walk_away(server, url, body, gate)
@@ -209,12 +224,8 @@ async def _walk_away(server: Any, url: str, body: bytes, gate: threading.Event) 
 
 
 def test_the_main_command_runs_server_and_load_client() -> None:
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "inference_server.py"), "--backend", "host",
-         "--requests", "60", "--concurrency", "4", "--clients", "2", "--max-mib", "1"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_example("inference_server", "--backend", "host", "--requests", "60",
+                      "--concurrency", "4", "--clients", "2", "--max-mib", "1")
     assert "pinned: 60 requests checked" in out.stdout
     assert "pageable: 60 requests checked" in out.stdout
     assert "ratio" in out.stdout and "0 bytes still held" in out.stdout
@@ -302,19 +313,13 @@ def test_a_dataset_of_another_shape_is_recreated(dataset: Any) -> None:
 
 
 def test_the_pipeline_command_prints_its_report(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "prefetch_pipeline.py"), "--backend", "host",
-         "--data", str(tmp_path), "--size-gib", "0.01", "--shard-mib", "1", "--depth", "3"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    out = run_example("prefetch_pipeline", "--backend", "host", "--data", str(tmp_path),
+                      "--size-gib", "0.01", "--shard-mib", "1", "--depth", "3")
     assert "checksums verified" in out.stdout and "pageable" in out.stdout
 
 
 def test_the_quickstart_runs() -> None:
-    out = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stderr
+    out = run_example("quickstart")
     assert "200 x 16 MiB staged" in out.stdout and "cache hits" in out.stdout
 
 
