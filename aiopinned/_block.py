@@ -1,4 +1,4 @@
-"""Block: one pinned allocation, the seed's ``HostBlock``."""
+"""Block: one pinned allocation, the seed's ``HostBlock``, and the seed's size rule."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ from collections.abc import Hashable
 # Where a block is.  Transitions happen on the loop thread only.
 FREE = 0  # idle, in the free list
 ALLOCATED = 1  # handed out (and, after free(), still held by live views)
-PENDING = 2  # freed; waiting for events recorded on its streams
-RELEASED = 3  # returned to the system
+PENDING = 2  # freed; waiting for the events recorded on its streams (EventWatcher.after)
+UNPINNED = 3  # given back to the system
+
+
+def pow2(n: int) -> int:
+    """The seed's ``PowerOf2Ceil``: the block size growth pins for a request of ``n`` bytes."""
+    return 1 << (n - 1).bit_length()
 
 
 class Block:
-    __slots__ = ("event_count", "ptr", "size", "state", "streams")
+    __slots__ = ("ptr", "size", "state", "streams")
 
     def __init__(self, ptr: int, size: int) -> None:
         self.ptr = ptr
@@ -20,9 +25,7 @@ class Block:
         self.state = FREE
         #: streams that used the block while it was handed out (the seed's ``streams_``)
         self.streams: set[Hashable] = set()
-        #: events still outstanding after free (the seed's ``event_count_``)
-        self.event_count = 0
 
     def __repr__(self) -> str:
-        state = ("free", "allocated", "pending", "released")[self.state]
+        state = ("free", "allocated", "pending", "unpinned")[self.state]
         return f"<Block {self.ptr:#x} size={self.size} {state}>"

@@ -1,42 +1,79 @@
-"""PinnedBuffer: one handed-out block, its views, and its lifetime."""
+"""PinnedBuffer: one handed-out block, its views, and the state machine of its lifetime.
+
+A buffer goes LIVE -> FREED -> RETIRED:
+
+* ``free()`` (any thread) or the garbage collector ends LIVE.  ``_live`` is a one-shot token:
+  ``list.pop`` is atomic, so exactly one of them wins, from any thread.
+* Views (``memoryview``, NumPy, torch) share one *anchor* object over the memory.  The buffer is
+  RETIRED, and its block handed back to its owner, once it is FREED *and* the anchor is gone:
+  ``free()`` with a view still referenced defers the hand-back, it never pulls memory out from
+  under a view.  ``_unretired`` is a second one-shot token, so the hand-back happens once however
+  ``free()``, a dying view and the collector race.
+* The check-and-retire step (``_settle``) runs on the owner's loop thread; from anywhere else it
+  is posted there.  If the loop is gone, the owner is told the block is orphaned instead.
+
+The owner is reached through :class:`BlockOwner`, so this module imports nothing above it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import weakref
+from collections.abc import Callable
+from threading import get_ident
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ._block import Block
 from .errors import InvalidBufferError
 
-if TYPE_CHECKING:
-    from ._block import Block
-    from ._pool import PinnedPool
+
+class BlockOwner(Protocol):
+    """What a buffer needs from the pool it came from."""
+
+    #: the owner's loop thread (``-1`` before it opens)
+    _thread_id: int
+
+    def _call_on_loop(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn()`` on the owner's loop soon (any thread); ``False`` if the loop is gone."""
+        ...
+
+    def _take_back(self, block: Block) -> None:
+        """Loop thread: a buffer is done with ``block`` (freed, and no view is left)."""
+        ...
+
+    def _orphaned(self, block: Block) -> None:
+        """Any thread, the loop gone: a buffer is done with ``block``."""
+        ...
+
+    def _record(self, block: Block | None, stream: object) -> bool:
+        """The seed's ``record_event`` for ``block`` on ``stream``."""
+        ...
+
+    def _prepare_torch(self) -> None: ...
 
 
 class PinnedBuffer:
     """``nbytes`` of pinned host memory from a :class:`~aiopinned.PinnedPool`.
 
-    Views (:meth:`memoryview`, :meth:`numpy`, :meth:`torch`) all share one anchor object over the
-    memory.  The anchor lives as long as any view does, and the block goes back to the pool only
-    when the buffer has been freed *and* the anchor is gone: ``free()`` with a view still
-    referenced defers the return, it never pulls memory out from under a view.  After ``free()``
-    no new view can be made (:class:`~aiopinned.InvalidBufferError`).
+    Views (:meth:`memoryview`, :meth:`numpy`, :meth:`torch`) keep the memory alive: ``free()``
+    while a view is still referenced defers the block's return until the last view is gone.
+    After ``free()`` no new view can be made (:class:`~aiopinned.InvalidBufferError`).
 
     A buffer that is garbage-collected without ``free()`` is freed then.
     """
 
-    __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_pool", "_retired")
+    __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_owner", "_unretired")
 
-    def __init__(self, pool: PinnedPool, block: Block | None, nbytes: int) -> None:
-        self._pool = pool
+    def __init__(self, owner: BlockOwner, block: Block | None, nbytes: int) -> None:
+        self._owner = owner
         self._block = block
         self._nbytes = nbytes
-        # One-shot token: ``list.pop`` is atomic, so exactly one free() wins, from any thread.
         self._live = [True]
+        self._unretired = [True]
         self._anchor: weakref.ref[Any] | None = None
-        self._retired = False
 
     # -- what it is ---------------------------------------------------------------------------
     @property
@@ -59,8 +96,9 @@ class PinnedBuffer:
         return not self._live
 
     @property
-    def pool(self) -> PinnedPool:
-        return self._pool
+    def pool(self) -> BlockOwner:
+        """The :class:`~aiopinned.PinnedPool` the buffer came from."""
+        return self._owner
 
     # -- views --------------------------------------------------------------------------------
     def memoryview(self) -> memoryview:
@@ -83,7 +121,7 @@ class PinnedBuffer:
         if not isinstance(dt, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, not {type(dt).__name__}")
         shape, count = self._shape_for(dt.itemsize, shape)
-        self._pool._require_backend().prepare_torch()
+        self._owner._prepare_torch()
         mv = self.memoryview()
         if count == 0:
             return torch.empty(shape, dtype=dt)
@@ -99,12 +137,9 @@ class PinnedBuffer:
             anchor = (ctypes.c_ubyte * self._nbytes).from_address(self._block.ptr)
             self._anchor = weakref.ref(anchor)
             # The finalizer holds the buffer: views keep the buffer (so the block) alive.
-            fin = weakref.finalize(anchor, self._pool._views_gone, self)
+            fin = weakref.finalize(anchor, self._settle_soon)
             fin.atexit = False
         return anchor
-
-    def _views_alive(self) -> bool:
-        return self._anchor is not None and self._anchor() is not None
 
     def _shape_for(
         self, itemsize: int, shape: int | tuple[int, ...] | None
@@ -128,12 +163,54 @@ class PinnedBuffer:
 
     # -- lifetime -----------------------------------------------------------------------------
     def record_stream(self, stream: object) -> bool:
-        """Mark the memory as used by work queued on ``stream`` (see ``PinnedPool.record_stream``)."""
-        return self._pool.record_stream(self, stream)
+        """Mark the memory as used by work queued on ``stream`` (see ``PinnedPool.record_stream``).
+
+        Raises:
+            InvalidBufferError: the buffer was freed (record streams before ``free()``).
+        """
+        if not self._live:
+            raise InvalidBufferError("this buffer was freed; record streams before free()")
+        return self._owner._record(self._block, stream)
 
     def free(self) -> None:
-        """Give the memory back to the pool (see ``PinnedPool.free``)."""
-        self._pool.free(self)
+        """Give the memory back to the pool.  Synchronous, never blocks, safe from any thread.
+
+        Raises:
+            InvalidBufferError: the buffer was already freed.
+        """
+        if self._block is None:
+            return
+        try:
+            self._live.pop()
+        except IndexError:
+            raise InvalidBufferError("this buffer was already freed") from None
+        if get_ident() == self._owner._thread_id:
+            self._settle()
+        else:
+            self._settle_soon()
+
+    def _settle(self) -> None:
+        """Loop thread: hand the block back if this is the moment the buffer retires."""
+        if self._block is not None and self._claim_retirement():
+            self._owner._take_back(self._block)
+
+    def _settle_soon(self) -> None:
+        """Any thread, finalizers included: ``_settle`` on the owner's loop, or, the loop gone,
+        here (nothing else can run it any more)."""
+        if self._owner._call_on_loop(self._settle):
+            return
+        if self._block is not None and self._claim_retirement():
+            self._owner._orphaned(self._block)
+
+    def _claim_retirement(self) -> bool:
+        """Freed, no view left, and not retired yet: take the one retirement there is."""
+        if self._live or (self._anchor is not None and self._anchor() is not None):
+            return False
+        try:
+            self._unretired.pop()
+        except IndexError:
+            return False
+        return True
 
     async def __aenter__(self) -> PinnedBuffer:
         return self
@@ -145,14 +222,17 @@ class PinnedBuffer:
         tb: TracebackType | None,
     ) -> None:
         if self._live:
-            self._pool.free(self)
+            self.free()
 
     def __del__(self) -> None:
-        if self._block is not None and self._live:
-            try:
-                self._pool._free_from_finalizer(self)
-            except Exception:  # pragma: no cover - interpreter shutdown
-                pass
+        if self._block is None:
+            return
+        try:
+            self._live.pop()
+        except IndexError:
+            return
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self._settle_soon()  # never touch the owner's state from inside a finalizer
 
     def __repr__(self) -> str:
         state = "freed" if not self._live else "live"

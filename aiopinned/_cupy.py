@@ -38,7 +38,9 @@ def set_cupy_pinned_allocator(pool: PinnedPool | None) -> None:
         cupy.cuda.set_pinned_memory_allocator(cupy.get_default_pinned_memory_pool().malloc)
         return
     if not isinstance(pool, PinnedPool):
-        raise TypeError(f"set_cupy_pinned_allocator() takes a PinnedPool, not {type(pool).__name__}")
+        raise TypeError(
+            f"set_cupy_pinned_allocator() takes a PinnedPool, not {type(pool).__name__}"
+        )
 
     def malloc(size: int) -> Any:
         if threading.get_ident() == pool._thread_id:

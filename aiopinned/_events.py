@@ -11,8 +11,11 @@ How completion is seen, without polling the loop's ~1 ms timers:
   ``synchronize(event)`` (``cudaEventSynchronize``, GIL released) on its events in order, then
   posts to the loop (``call_soon_threadsafe``).  The posted callback drains every completed event
   at the head of that stream's FIFO.  This is the ~32 µs path measured on the H200 host.
-* With nothing pending, helpers sleep on a queue (no CPU) and exit after ``HELPER_IDLE_S``.
+* With nothing pending, helpers sleep on a queue (no CPU) and exit after ``idle_s``.
 * ``poll()`` (the seed's ``process_events``) drains every stream's completed head events at once.
+* ``spin()`` (the pool's opt-in ``spin_s``) polls on the loop, once per iteration, while callers
+  wait: a waiter then resumes within a loop iteration of its copy ending, without the
+  cross-thread wake-up.
 
 An event is released back to the backend only once both the FIFO and its helper are done with
 it, so a helper never waits on an event that has been recycled.
@@ -23,8 +26,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 from ._loopport import LoopPort
@@ -32,7 +36,7 @@ from .backends.base import Backend
 
 log = logging.getLogger("aiopinned")
 
-#: seconds a helper thread lingers with nothing to wait on before it exits
+#: seconds a helper thread lingers with nothing to wait on before it exits (by default)
 HELPER_IDLE_S = 5.0
 
 
@@ -59,10 +63,10 @@ class _Helper:
         ).start()
 
     def _run(self, watcher: EventWatcher, key: Hashable) -> None:
-        backend, port, q = watcher._backend, watcher._port, self.queue
+        backend, port, q, idle_s = watcher._backend, watcher._port, self.queue, watcher.idle_s
         while True:
             try:
-                item = q.get(timeout=HELPER_IDLE_S)
+                item = q.get(timeout=idle_s)
             except queue.Empty:
                 with watcher._lock:
                     if q.empty():
@@ -82,11 +86,23 @@ class _Helper:
 class EventWatcher:
     """Pending events per stream; calls each event's ``on_done`` on the loop when it completes."""
 
-    __slots__ = ("_backend", "_count", "_helpers", "_lock", "_port", "_streams")
+    __slots__ = (
+        "_backend",
+        "_count",
+        "_helpers",
+        "_lock",
+        "_port",
+        "_spin_until",
+        "_streams",
+        "idle_s",
+    )
 
-    def __init__(self, backend: Backend, port: LoopPort) -> None:
+    def __init__(self, backend: Backend, port: LoopPort, idle_s: float = HELPER_IDLE_S) -> None:
         self._backend = backend
         self._port = port
+        #: seconds a helper thread with nothing to wait on lingers before it exits
+        self.idle_s = idle_s
+        self._spin_until = -1.0  # < 0: not spinning
         self._streams: dict[Hashable, deque[_Pending]] = {}
         self._helpers: dict[Hashable, _Helper] = {}
         self._lock = threading.Lock()  # guards helper start/exit only
@@ -110,6 +126,19 @@ class EventWatcher:
                 helper = self._helpers[key] = _Helper(self, key)
             helper.queue.put(item)
 
+    def after(self, keys: Collection[Hashable], on_done: Callable[[], object]) -> None:
+        """Record an event on each stream in ``keys``; ``on_done()`` runs on the loop once all of
+        them have completed (the seed's per-block ``event_count_``)."""
+        record, count = self._backend.record, [len(keys)]
+
+        def one_done() -> None:
+            count[0] -= 1
+            if count[0] == 0:
+                on_done()
+
+        for key in keys:
+            self.add(key, record(key), one_done if count[0] > 1 else on_done)
+
     def poll(self) -> int:
         """Complete every event that has finished, on every stream; return how many."""
         done = 0
@@ -119,6 +148,20 @@ class EventWatcher:
 
     def pending_events(self) -> list[Any]:
         return [item.event for fifo in self._streams.values() for item in fifo]
+
+    def spin(self, seconds: float, keep_going: Callable[[], bool]) -> None:
+        """Poll once per loop iteration, for up to ``seconds``, while events are pending and
+        ``keep_going()`` holds.  Loop thread only; a no-op while already spinning."""
+        if seconds and self._spin_until < 0 and self._count:
+            self._spin_until = time.monotonic() + seconds
+            self._port.call_soon(self._spin_step, keep_going)
+
+    def _spin_step(self, keep_going: Callable[[], bool]) -> None:
+        if not (self._count and keep_going() and time.monotonic() <= self._spin_until):
+            self._spin_until = -1.0
+            return
+        self.poll()
+        self._port.call_soon(self._spin_step, keep_going)
 
     def stop(self) -> None:
         """Let idle helpers exit now (busy ones finish their current event first)."""

@@ -7,6 +7,7 @@ knows which loop and thread the pool belongs to.
 ``run_off_loop`` runs a blocking backend call in a worker thread and never loses its result: if
 the awaiting task is cancelled (or times out) first, the result is handed to ``on_orphan`` on the
 loop once the thread finishes, so memory pinned for a caller who went away is adopted, not leaked.
+``run_detached`` is the one other way the pool starts a thread: work nobody awaits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import anyio.lowlevel
 
 T = TypeVar("T")
 
-__all__ = ["LoopPort", "run_off_loop"]
+__all__ = ["LoopPort", "run_detached", "run_off_loop"]
 
 
 class LoopPort:
@@ -111,7 +112,7 @@ async def run_off_loop(
         elif not port.post(orphan, result, error):
             orphan(result, error)  # the loop is gone: settle it here rather than lose it
 
-    threading.Thread(target=work, name="aiopinned-backend", daemon=True).start()
+    run_detached(work, "aiopinned-backend")
     try:
         await finished.wait()
     except BaseException:
@@ -125,3 +126,8 @@ async def run_off_loop(
     if call.error is not None:
         raise call.error
     return call.result  # type: ignore[no-any-return]
+
+
+def run_detached(fn: Callable[[], object], name: str) -> None:
+    """Run ``fn()`` in a daemon thread of its own, with no one awaiting it."""
+    threading.Thread(target=fn, name=name, daemon=True).start()

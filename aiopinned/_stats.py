@@ -1,7 +1,8 @@
-"""PoolStats: a frozen snapshot of a pool's counters."""
+"""PoolStats, a frozen snapshot of a pool's counters, and Counters, the running counts."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,3 +48,87 @@ class PoolStats:
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain ``dict`` (ready for JSON)."""
         return asdict(self)
+
+
+class Counters:
+    """The pool's running counts.
+
+    Everything is written on the loop thread, except what the pinning threads report through
+    :meth:`pinned` and :meth:`unpinned`, which take ``_lock`` (it guards those six fields only).
+    """
+
+    __slots__ = (
+        "_lock",
+        "active_bytes",
+        "active_requests",
+        "alloc_us",
+        "alloc_us_max",
+        "cache_hits",
+        "cache_misses",
+        "free_us",
+        "free_us_max",
+        "num_alloc",
+        "num_free",
+        "num_waits",
+        "returned",
+        "wait_us",
+        "wait_us_max",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: bytes and buffers handed out and not yet taken back
+        self.active_bytes = 0
+        self.active_requests = 0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        #: blocks that went back to the free list (``process_events`` counts with it)
+        self.returned = 0
+        self.num_waits = 0
+        self.wait_us = 0.0
+        self.wait_us_max = 0.0
+        self.num_alloc = 0
+        self.alloc_us = 0.0
+        self.alloc_us_max = 0.0
+        self.num_free = 0
+        self.free_us = 0.0
+        self.free_us_max = 0.0
+
+    def waited(self, us: float) -> None:
+        """A wait (counted in ``num_waits`` when it began) ended after ``us`` microseconds."""
+        self.wait_us += us
+        self.wait_us_max = max(self.wait_us_max, us)
+
+    def pinned(self, us: float) -> None:
+        """A block was pinned in ``us`` microseconds (any thread)."""
+        with self._lock:
+            self.num_alloc += 1
+            self.alloc_us += us
+            self.alloc_us_max = max(self.alloc_us_max, us)
+
+    def unpinned(self, us: float) -> None:
+        """A block was unpinned in ``us`` microseconds (any thread)."""
+        with self._lock:
+            self.num_free += 1
+            self.free_us += us
+            self.free_us_max = max(self.free_us_max, us)
+
+    def snapshot(self, **gauges: Any) -> PoolStats:
+        """A :class:`PoolStats` of these counts and the pool's ``gauges`` (the other fields)."""
+        with self._lock:
+            return PoolStats(
+                **gauges,
+                active_bytes=self.active_bytes,
+                active_requests=self.active_requests,
+                num_host_alloc=self.num_alloc,
+                num_host_free=self.num_free,
+                cache_hits=self.cache_hits,
+                cache_misses=self.cache_misses,
+                host_alloc_time_us_total=self.alloc_us,
+                host_alloc_time_us_max=self.alloc_us_max,
+                host_free_time_us_total=self.free_us,
+                host_free_time_us_max=self.free_us_max,
+                num_waits=self.num_waits,
+                wait_time_us_total=self.wait_us,
+                wait_time_us_max=self.wait_us_max,
+            )

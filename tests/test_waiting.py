@@ -448,8 +448,8 @@ async def test_a_small_request_does_not_sit_in_a_big_idle_block_under_a_cap() ->
 async def test_waiting_costs_nothing_when_nothing_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
     from aiopinned import HostStream, _events
 
-    monkeypatch.setattr(_events, "HELPER_IDLE_S", 0.01)
     async with PinnedPool("host") as pool:
+        pool._rt.watcher.idle_s = 0.01
         stream = HostStream()
         buf = await pool.allocate(10)
         buf.record_stream(stream)

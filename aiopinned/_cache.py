@@ -1,0 +1,87 @@
+"""What is pinned: the registry of every block, the free list of idle ones, and the bytes
+reserved under the cap, kept consistent with each other.
+
+Every pinned block is in the registry from the moment it is pinned until it is taken out to be
+unpinned; an idle block is also in the free list.  Growth is planned here (the reservation made,
+the victims taken out of the free list and the registry at once) and settled here when the
+pinning thread is done.  No loop, no threads: the pool calls it on its loop thread.
+"""
+
+from __future__ import annotations
+
+from ._block import ALLOCATED, FREE, UNPINNED, Block
+from ._freelist import FreeList
+from ._registry import Registry
+from ._reservations import Plan, Reservations
+
+
+class Cache:
+    __slots__ = ("free", "registry", "reservations")
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.free = FreeList(bounded=max_bytes is not None)
+        self.registry = Registry()
+        self.reservations = Reservations(max_bytes)
+
+    def plan(self, size: int) -> Plan | None:
+        """Room to pin a block for ``size`` bytes (victims taken out), or ``None``."""
+        free = self.free
+        plan = self.reservations.plan(size, free.nbytes, free.largest_first())
+        if plan is not None:
+            for block in plan.victims:
+                free.remove(block)
+                self.forget(block)
+        return plan
+
+    def plan_after_unpinning_all(self, size: int) -> Plan:
+        """Pin ``size`` bytes after unpinning every idle block (the out-of-memory retry).
+
+        Fits under the cap whenever a plan for ``size`` did, since every idle block goes.
+        """
+        return self.reservations.grant(Plan(size, self.take_idle()))
+
+    def settle_pinned(self, plan: Plan, ptr: int) -> Block:
+        """``plan``'s thread pinned a block at ``ptr``: it, registered."""
+        self.reservations.settle(plan, pinned=True)
+        return self.register(Block(ptr, plan.size))
+
+    def settle_failed(self, plan: Plan) -> None:
+        """``plan``'s thread ran and pinned nothing (its victims are unpinned all the same)."""
+        self.reservations.settle(plan, pinned=False)
+
+    def undo(self, plan: Plan) -> list[Block]:
+        """``plan`` never ran: its victims, registered again, for the caller to return."""
+        self.reservations.undo(plan)
+        return [self.register(block) for block in plan.victims]
+
+    def register(self, block: Block) -> Block:
+        self.registry.add(block)
+        block.state = FREE
+        return block
+
+    def forget(self, block: Block) -> None:
+        """Out of the registry: the block is on its way to being unpinned (still reserved)."""
+        self.registry.remove(block)
+        block.state = UNPINNED
+
+    def take_idle(self) -> list[Block]:
+        """Every idle block, out of the free list and the registry (still reserved)."""
+        victims = self.free.take_all()
+        for block in victims:
+            self.forget(block)
+        return victims
+
+    def gauges(self) -> dict[str, int]:
+        """What is pinned now, as :class:`~aiopinned.PoolStats` fields."""
+        r = self.reservations
+        return {
+            "reserved_bytes": r.reserved,
+            "peak_reserved_bytes": r.peak,
+            "free_blocks": len(self.free),
+            "free_bytes": self.free.nbytes,
+        }
+
+    def find_live(self, ptr: int) -> Block | None:
+        """The handed-out block that holds address ``ptr``, or ``None``."""
+        block = self.registry.find(ptr)
+        return block if block is not None and block.state == ALLOCATED else None

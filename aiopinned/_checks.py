@@ -1,0 +1,89 @@
+"""Argument checks: a clear ``TypeError`` or ``ValueError`` at once, never a late surprise.
+
+The hot paths check only what can fail on them inline (an exact ``int`` in range) and fall back
+to these for everything else.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+from .backends import Backend
+
+BACKEND_NAMES = ("auto", "cuda", "host")
+
+
+def as_size(nbytes: object, what: str = "nbytes") -> int:
+    """A byte count: an ``int`` (or ``__index__``, e.g. a NumPy integer) ``>= 0``; not a bool."""
+    if isinstance(nbytes, (bool, float)):
+        raise TypeError(f"{what} must be an int, not {type(nbytes).__name__}")
+    try:
+        n = operator.index(nbytes)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(nbytes).__name__}") from None
+    if n < 0:
+        raise ValueError(f"{what} must be >= 0, not {n}")
+    return n
+
+
+def as_seconds(value: object, what: str) -> float:
+    """A non-negative number of seconds (``inf`` allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{what} must be >= 0, not {value}")
+    return float(value)
+
+
+def as_timeout(timeout: object) -> float:
+    """A timeout in seconds as a float; ``None`` is ``inf``."""
+    return math.inf if timeout is None else as_seconds(timeout, "timeout")
+
+
+def as_max_bytes(max_bytes: object) -> int | None:
+    """The cap: ``None`` for none, else a byte count ``> 0``."""
+    if max_bytes is None:
+        return None
+    cap = as_size(max_bytes, "max_bytes")
+    if cap == 0:
+        raise ValueError("max_bytes must be > 0 (or None for no cap)")
+    return cap
+
+
+def as_backend(backend: object) -> str | Backend:
+    """A backend name (``auto``, ``cuda``, ``host``) or an object implementing ``Backend``."""
+    if isinstance(backend, str):
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, not {backend!r}")
+        return backend
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a name or a Backend, not {type(backend).__name__}")
+    return backend
+
+
+def as_copy(dest: object, src: object, count: object) -> tuple[int, int, int]:
+    """``copy_data``'s addresses and count, checked (no copy from or to address 0)."""
+    dest, src, count = as_size(dest, "dest"), as_size(src, "src"), as_size(count, "count")
+    if count and not (dest and src):
+        raise ValueError("copy_data() with a null address")
+    return dest, src, count
+
+
+def pointer_of(obj: object) -> int:
+    """The address of an ``int``, an object with ``data_ptr()``, or one with
+    ``__array_interface__`` (what ``record_stream`` accepts besides a buffer)."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        ptr = obj
+    elif hasattr(obj, "data_ptr"):
+        ptr = obj.data_ptr()
+    elif hasattr(obj, "__array_interface__"):
+        ptr = obj.__array_interface__["data"][0]
+    else:
+        raise TypeError(
+            "record_stream() takes a PinnedBuffer, an int address, or an object with data_ptr() "
+            f"or __array_interface__, not {type(obj).__name__}"
+        )
+    if ptr is None or ptr < 0:
+        raise ValueError(f"not a valid address: {ptr!r}")
+    return int(ptr)

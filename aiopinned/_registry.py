@@ -1,0 +1,53 @@
+"""The registry: every block the pool has pinned, by address (the seed's ``blocks_``).
+
+It answers one question besides membership: which block holds an address, anywhere inside it
+(``record_stream`` with a raw pointer or a view that starts mid-block).  Foreign threads read it,
+so it has a lock; the lock guards the dict and the sorted starts and nothing else, and is held for
+their operations only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from sortedcontainers import SortedList
+
+from ._block import Block
+
+
+class Registry:
+    """Pinned blocks by start address, with interior-pointer lookup."""
+
+    __slots__ = ("_blocks", "_lock", "_starts")
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, Block] = {}
+        self._starts = SortedList()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, block: Block) -> bool:
+        return self._blocks.get(block.ptr) is block
+
+    def add(self, block: Block) -> None:
+        with self._lock:
+            if block.ptr in self._blocks:
+                raise ValueError(f"{block!r} overlaps a registered block")
+            self._blocks[block.ptr] = block
+            self._starts.add(block.ptr)
+
+    def remove(self, block: Block) -> None:
+        with self._lock:
+            del self._blocks[block.ptr]
+            self._starts.remove(block.ptr)
+
+    def find(self, ptr: int) -> Block | None:
+        """The block whose memory holds address ``ptr``, or ``None``."""
+        with self._lock:
+            i = self._starts.bisect_right(ptr) - 1
+            if i < 0:
+                return None
+            block = self._blocks[self._starts[i]]
+        return block if ptr < block.ptr + block.size else None

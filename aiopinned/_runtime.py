@@ -1,0 +1,53 @@
+"""What an open pool runs on: its backend, the way into its loop, the watcher and the threads.
+
+A pool holds one :class:`Runtime` from ``open()`` on, never ``None``: before that it holds
+:data:`NOT_OPEN`, which answers any use with the error a user should see.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn, cast
+
+import anyio
+
+from ._events import EventWatcher
+from ._loopport import LoopPort
+from ._pinning import Pinning
+from ._stats import Counters
+from .backends import Backend, make_backend
+
+NOT_OPEN_MESSAGE = "the pool is not open: use 'async with PinnedPool() as pool'"
+
+
+class Runtime:
+    __slots__ = ("backend", "pinning", "port", "watcher")
+
+    def __init__(self, backend: Backend, port: LoopPort, counters: Counters) -> None:
+        self.backend = backend
+        self.port = port
+        self.watcher = EventWatcher(backend, port)
+        self.pinning = Pinning(backend, port, counters)
+
+    @classmethod
+    async def start(cls, spec: str | Backend, counters: Counters) -> Runtime:
+        """Bind to the running loop and make the backend (off the loop: CUDA starts here)."""
+        port = LoopPort()
+        backend = await anyio.to_thread.run_sync(make_backend, spec)
+        return cls(backend, port, counters)
+
+    def close(self) -> None:
+        """Let the watcher's idle threads go, and close the backend."""
+        self.watcher.stop()
+        self.backend.close()
+
+
+class _NotOpen:
+    """Stands in for the runtime of a pool that is not open: every use raises."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise RuntimeError(NOT_OPEN_MESSAGE)
+
+
+NOT_OPEN = cast(Runtime, _NotOpen())

@@ -1,0 +1,106 @@
+"""A parking lot of callers waiting for room: strict FIFO, and grants handed over before waking.
+
+It knows nothing of blocks: a waiter parks with a size and a deadline, and whoever has something
+for the head *hands* it over (``unpark``) before the head runs, as trio's ``ParkingLot`` does.  So
+a waiter that is cancelled, or whose deadline passes, either never got anything or already owns
+its grant, and the grant is passed on (``on_abandon``) instead of being lost (CPython gh-90155,
+bpo-37658).
+
+Invariants:
+
+* a waiter is in the queue exactly while it has neither a grant nor an error;
+* only the head is ever handed a grant (nobody overtakes it);
+* whoever keeps the lot keeps ``bool(lot)`` implying that the head cannot be served now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import anyio
+
+G = TypeVar("G")
+
+
+class _Waiter(Generic[G]):
+    __slots__ = ("error", "event", "grant", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.event = anyio.Event()
+        self.grant: G | None = None
+        self.error: BaseException | None = None
+
+
+class ParkingLot(Generic[G]):
+    """FIFO waiters for sizes, each woken with a grant of type ``G`` or an error.
+
+    Args:
+        on_abandon: called on the loop with what a leaving waiter held: its grant, to pass on,
+            or ``None`` if it held nothing (the head may have changed: serve the lot again).
+    """
+
+    __slots__ = ("_on_abandon", "_queue")
+
+    def __init__(self, on_abandon: Callable[[G | None], None]) -> None:
+        self._queue: deque[_Waiter[G]] = deque()
+        self._on_abandon = on_abandon
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def head_size(self) -> int:
+        """The size the head waits for (the lot must not be empty)."""
+        return self._queue[0].size
+
+    def unpark(self, grant: G) -> None:
+        """Hand ``grant`` to the head and wake it; from then on it owns the grant."""
+        waiter = self._queue.popleft()
+        waiter.grant = grant
+        waiter.event.set()
+
+    def close(self, error: BaseException) -> None:
+        """Wake every waiter with ``error`` (each raises its own copy of it)."""
+        waiters, self._queue = self._queue, deque()
+        for waiter in waiters:
+            waiter.error = error
+            waiter.event.set()
+
+    async def park(self, size: int, deadline: float) -> G:
+        """Wait at the back of the queue until handed a grant.
+
+        Raises:
+            TimeoutError: nothing was handed over by ``deadline`` (``anyio.current_time()``).
+            the error given to :meth:`close`, or the caller's cancellation; either way the
+            waiter has left the queue and what it held went to ``on_abandon``.
+        """
+        waiter: _Waiter[G] = _Waiter(size)
+        self._queue.append(waiter)
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await waiter.event.wait()
+        except BaseException:
+            self._on_abandon(self._leave(waiter))
+            raise
+        if waiter.grant is not None:  # also when the deadline raced the handoff: keep it
+            return waiter.grant
+        if waiter.error is not None:
+            raise type(waiter.error)(*waiter.error.args)
+        self._on_abandon(self._leave(waiter))
+        raise TimeoutError(f"nothing for a request of {size} bytes came back in time")
+
+    def _leave(self, waiter: _Waiter[G]) -> G | None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(waiter)
+        grant, waiter.grant = waiter.grant, None
+        return grant
+
+    def __repr__(self) -> str:
+        head = f", head wants {self._queue[0].size}" if self._queue else ""
+        return f"<ParkingLot waiters={len(self._queue)}{head}>"
