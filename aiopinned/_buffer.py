@@ -7,10 +7,12 @@ A buffer goes LIVE -> FREED -> RETIRED:
 * Views (``memoryview``, NumPy, torch) share one *anchor* object over the memory.  The buffer is
   RETIRED, and its block handed back to its owner, once it is FREED *and* the anchor is gone:
   ``free()`` with a view still referenced defers the hand-back, it never pulls memory out from
-  under a view.  ``_unretired`` is a second one-shot token, so the hand-back happens once however
-  ``free()``, a dying view and the collector race.
-* The check-and-retire step (``_settle``) runs on the owner's loop thread; from anywhere else it
-  is posted there.  If the loop is gone, the owner is told the block is orphaned instead.
+  under a view.
+* The check-and-retire step (``_settle``) runs on the owner's loop thread, and from anywhere else
+  is posted there, so ``free()``, a dying view and the collector, racing from any threads, hand
+  the block back once (``_retired``, changed on the loop only).  If the loop is gone, the owner
+  is told the block is orphaned instead, by whichever thread settles last, under ``_ORPHANS``
+  (the loop cannot be running then, so the two never overlap).
 
 The owner is reached through :class:`BlockOwner`, so this module imports nothing above it.
 """
@@ -22,12 +24,14 @@ import ctypes
 import math
 import weakref
 from collections.abc import Callable
-from threading import get_ident
+from threading import Lock, get_ident
 from types import TracebackType
 from typing import Any, Protocol
 
 from ._block import Block
 from .errors import InvalidBufferError
+
+_ORPHANS = Lock()  # serializes retiring buffers whose loop is gone (any threads, rare)
 
 
 class BlockOwner(Protocol):
@@ -65,14 +69,14 @@ class PinnedBuffer:
     A buffer that is garbage-collected without ``free()`` is freed then.
     """
 
-    __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_owner", "_unretired")
+    __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_owner", "_retired")
 
     def __init__(self, owner: BlockOwner, block: Block | None, nbytes: int) -> None:
         self._owner = owner
         self._block = block
         self._nbytes = nbytes
         self._live = [True]
-        self._unretired = [True]
+        self._retired = False
         self._anchor: weakref.ref[Any] | None = None
 
     # -- what it is ---------------------------------------------------------------------------
@@ -191,26 +195,21 @@ class PinnedBuffer:
 
     def _settle(self) -> None:
         """Loop thread: hand the block back if this is the moment the buffer retires."""
-        if self._block is not None and self._claim_retirement():
-            self._owner._take_back(self._block)
+        if self._retired or self._live or (self._anchor is not None and self._anchor()):
+            return
+        self._retired = True
+        self._owner._take_back(self._block)  # type: ignore[arg-type]  # (not None: see free())
 
     def _settle_soon(self) -> None:
         """Any thread, finalizers included: ``_settle`` on the owner's loop, or, the loop gone,
         here (nothing else can run it any more)."""
         if self._owner._call_on_loop(self._settle):
             return
-        if self._block is not None and self._claim_retirement():
-            self._owner._orphaned(self._block)
-
-    def _claim_retirement(self) -> bool:
-        """Freed, no view left, and not retired yet: take the one retirement there is."""
-        if self._live or (self._anchor is not None and self._anchor() is not None):
-            return False
-        try:
-            self._unretired.pop()
-        except IndexError:
-            return False
-        return True
+        with _ORPHANS:
+            if self._retired or self._live or (self._anchor is not None and self._anchor()):
+                return
+            self._retired = True
+        self._owner._orphaned(self._block)  # type: ignore[arg-type]
 
     async def __aenter__(self) -> PinnedBuffer:
         return self
@@ -225,7 +224,7 @@ class PinnedBuffer:
             self.free()
 
     def __del__(self) -> None:
-        if self._block is None:
+        if self._block is None or not self._live:  # (no exception raised on the hot path)
             return
         try:
             self._live.pop()

@@ -70,6 +70,7 @@ class PinnedPool:
         self._cache = Cache(self._max_bytes)
         self._free = self._cache.free  # the hot path's one attribute lookup
         self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on)
+        self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
         self._counts = Counters()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -134,14 +135,13 @@ class PinnedPool:
             type(nbytes) is int
             and 0 < nbytes <= self._cap
             and timeout is None
-            and not self._lot
+            and not self._waiters
             and get_ident() == self._thread_id
             and self._state == _OPEN
         ):
             block = self._free.take(nbytes)
             if block is not None:
-                self._counts.cache_hits += 1
-                return self._hand_out(block, nbytes)
+                return self._hand_out(block, nbytes, 1)
         return await self._allocate_checked(nbytes, timeout)
 
     async def _allocate_checked(self, nbytes: object, timeout: object) -> PinnedBuffer:
@@ -155,8 +155,7 @@ class PinnedPool:
         if grant is None:
             grant = await self._wait(size, deadline)
         if isinstance(grant, Block):
-            self._counts.cache_hits += 1
-            return self._hand_out(grant, size)
+            return self._hand_out(grant, size, 1)
         return await self._grow(grant, size, deadline)
 
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
@@ -177,13 +176,12 @@ class PinnedPool:
             size = self._check_request(nbytes)
             if size == 0:
                 return PinnedBuffer(self, None, 0)
-        if self._lot:
+        if self._waiters:
             raise WouldBlock(f"{len(self._lot)} callers are queued ahead; nobody overtakes them")
         block = self._free.take(size)
         if block is None:
             raise WouldBlock(f"no idle block of at least {size} bytes; await allocate() instead")
-        self._counts.cache_hits += 1
-        return self._hand_out(block, size)
+        return self._hand_out(block, size, 1)
 
     def allocate_blocking(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """``allocate`` for plain threads (e.g. sync data-loader workers): blocks the caller."""
@@ -317,9 +315,10 @@ class PinnedPool:
             )
 
     # -- handing out, waiting, growing --------------------------------------------------------
-    def _hand_out(self, block: Block, nbytes: int) -> PinnedBuffer:
+    def _hand_out(self, block: Block, nbytes: int, hit: int = 0) -> PinnedBuffer:
         block.state = ALLOCATED
         counts = self._counts
+        counts.cache_hits += hit
         counts.active_bytes += block.size
         counts.active_requests += 1
         return PinnedBuffer(self, block, nbytes)
@@ -419,7 +418,7 @@ class PinnedPool:
         block.state = FREE
         self._free.add(block)
         self._counts.returned += 1
-        if self._lot:
+        if self._waiters:
             self._serve()
 
     def _orphaned(self, block: Block) -> None:

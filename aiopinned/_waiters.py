@@ -49,6 +49,12 @@ class ParkingLot(Generic[G]):
         self._queue: deque[_Waiter[G]] = deque()
         self._on_abandon = on_abandon
 
+    @property
+    def queue(self) -> deque[_Waiter[G]]:
+        """The waiters, for a hot path's emptiness check (a deque's truth test costs no Python
+        call); read it, never change it.  The same deque for the lot's whole life."""
+        return self._queue
+
     def __len__(self) -> int:
         return len(self._queue)
 
@@ -67,7 +73,8 @@ class ParkingLot(Generic[G]):
 
     def close(self, error: BaseException) -> None:
         """Wake every waiter with ``error`` (each raises its own copy of it)."""
-        waiters, self._queue = self._queue, deque()
+        waiters = list(self._queue)
+        self._queue.clear()
         for waiter in waiters:
             waiter.error = error
             waiter.event.set()

@@ -55,7 +55,7 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
 
             peers["torch.empty(pin_memory=True) + del"] = []
     except ImportError:
-        torch = None  # type: ignore[assignment]
+        torch = None
     try:
         import cupy
 
@@ -104,7 +104,7 @@ def bandwidth(pool_tensor: object, nbytes: int) -> list[tuple[str, str, str]]:
             dst.copy_(src, non_blocking=True)
         end.record()
         end.synchronize()
-        return nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
+        return nbytes * reps / (float(start.elapsed_time(end)) / 1e3) / 1e9
 
     ours = statistics.median(gbps(pool_tensor, 5) for _ in range(5))
     theirs = statistics.median(gbps(ref, 5) for _ in range(5))
@@ -168,16 +168,22 @@ async def main() -> None:
     args = parser.parse_args()
     async with PinnedPool(args.backend) as pool:
         print(f"backend: {pool.backend}")
-        _table(f"cache hit, {args.size} bytes (median of 7 x {args.hits})",
-               await cache_hit(pool, args.hits, args.size))
+        _table(
+            f"cache hit, {args.size} bytes (median of 7 x {args.hits})",
+            await cache_hit(pool, args.hits, args.size),
+        )
         if pool.backend == "cuda":
             buf = await pool.allocate(args.copy_mib << 20)
-            _table(f"host->device copy, {args.copy_mib} MiB",
-                   bandwidth(buf.torch(), args.copy_mib << 20))
+            _table(
+                f"host->device copy, {args.copy_mib} MiB",
+                bandwidth(buf.torch(), args.copy_mib << 20),
+            )
             buf.free()
         await pool.empty_cache()
-        _table(f"largest loop stall while pinning {args.stall_mib} MiB (1 ms ticker)",
-               await loop_stall(pool, args.stall_mib << 20))
+        _table(
+            f"largest loop stall while pinning {args.stall_mib} MiB (1 ms ticker)",
+            await loop_stall(pool, args.stall_mib << 20),
+        )
 
 
 if __name__ == "__main__":

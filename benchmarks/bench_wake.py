@@ -62,12 +62,13 @@ class _Cuda:
 
         def observe() -> float:
             done.synchronize()
-            return t_launch + start.elapsed_time(done) / 1e3
+            return t_launch + float(start.elapsed_time(done)) / 1e3
 
         return observe
 
     def query_last(self) -> Callable[[], bool]:
-        return self.stream.query
+        query: Callable[[], bool] = self.stream.query
+        return query
 
     def floor_us(self, delay_ms: float, n: int = 100) -> float:
         """The estimator's own floor: the same round, waited for by a blocking
@@ -90,7 +91,12 @@ class _Host:
         done = threading.Event()
         self.stream.launch(time.sleep, delay_ms / 1e3)
         self.stream.launch(bytes, buf_view)  # the "copy" reads the block
-        self.stream.launch(lambda: (stamp.append(time.perf_counter()), done.set()))
+
+        def stamp_it() -> None:
+            stamp.append(time.perf_counter())
+            done.set()
+
+        self.stream.launch(stamp_it)
 
         def observe() -> float:
             done.wait()
@@ -111,7 +117,8 @@ async def one_round(pool: PinnedPool, dev: _Cuda | _Host, delay_ms: float, polli
     if polling:  # the peer: no record_stream; poll the stream's state from the loop
         is_done = dev.query_last()
         buf.free()
-        while not is_done():
+        # the peer polls, as a loop without aiopinned's watcher would
+        while not is_done():  # noqa: ASYNC110
             await asyncio.sleep(0.0001)
         t_resume = time.perf_counter()
     else:
@@ -135,7 +142,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--delay-ms", type=float, default=2.0, help="GPU/stream work before the copy")
+    parser.add_argument(
+        "--delay-ms", type=float, default=2.0, help="GPU/stream work before the copy"
+    )
     parser.add_argument("--spin-s", type=float, default=0.0, help="PinnedPool(spin_s=...)")
     args = parser.parse_args()
     async with PinnedPool(args.backend, max_bytes=BLOCK, spin_s=args.spin_s) as pool:
@@ -148,20 +157,29 @@ async def main() -> None:
             if i >= 10:  # warm-up
                 ours.append(a)
                 peer.append(b)
-        print(f"backend: {pool.backend}; {args.iters} rounds, {args.delay_ms} ms of stream work "
-              f"before each copy; spin_s={args.spin_s}")
+        print(
+            f"backend: {pool.backend}; {args.iters} rounds, {args.delay_ms} ms of stream work "
+            f"before each copy; spin_s={args.spin_s}"
+        )
         if isinstance(dev, _Cuda):
-            print(f"floor of the timing method (blocking cudaEventSynchronize, no loop): "
-                  f"{dev.floor_us(args.delay_ms):.1f}us median")
+            print(
+                f"floor of the timing method (blocking cudaEventSynchronize, no loop): "
+                f"{dev.floor_us(args.delay_ms):.1f}us median"
+            )
         print(f"{'':44} {'median':>10} {'p99':>10} {'max':>10}")
-        for name, xs in (("aiopinned: awaiting allocate (watcher)", ours),
-                         ("peer: polling with asyncio.sleep(0.0001)", peer)):
+        for name, xs in (
+            ("aiopinned: awaiting allocate (watcher)", ours),
+            ("peer: polling with asyncio.sleep(0.0001)", peer),
+        ):
             xs = sorted(xs)
             p99 = xs[min(len(xs) - 1, int(0.99 * len(xs)))]
             print(f"{name:44} {statistics.median(xs):8.1f}us {p99:8.1f}us {xs[-1]:8.1f}us")
-        print(f"median ratio aiopinned / polling: {statistics.median(ours) / statistics.median(peer):.3f}")
+        ratio = statistics.median(ours) / statistics.median(peer)
+        print(f"median ratio aiopinned / polling: {ratio:.3f}")
         s = pool.stats()
-        print(f"pool: {s.num_host_alloc} block pinned, reserved {s.reserved_bytes} of {s.max_bytes}")
+        print(
+            f"pool: {s.num_host_alloc} block pinned, reserved {s.reserved_bytes} of {s.max_bytes}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from aiopinned.backends.host import HostBackend
@@ -57,6 +58,7 @@ class RecordingBackend(HostBackend):
         self.fail_allocs = 0  # fail the next N allocs with PinnedMemoryError
         self.fail_if: Callable[[int], bool] | None = None
         self.alloc_gate: threading.Event | None = None
+        self.synchronizing = threading.Event()  # set when a thread waits on an event
 
     def alloc(self, size: int) -> int:
         from aiopinned import PinnedMemoryError
@@ -69,6 +71,10 @@ class RecordingBackend(HostBackend):
             raise PinnedMemoryError(f"refused to pin {size} bytes (test)")
         return super().alloc(size)
 
+    def synchronize(self, event: Any) -> None:
+        self.synchronizing.set()
+        super().synchronize(event)
+
     def free(self, ptr: int, size: int) -> None:
         self.free_threads.append(threading.get_ident())
         super().free(ptr, size)
@@ -80,29 +86,34 @@ def recording() -> RecordingBackend:
     return RecordingBackend()
 
 
-async def until(predicate: Callable[[], bool], steps: int = 1000, timeout: float = 1.0) -> None:
-    """Step the loop until ``predicate()`` holds (callbacks posted from threads land in between).
-
-    Fails after ``steps`` steps and then ``timeout`` seconds rather than hanging.  Used only where
-    work arrives from another thread or process (a HostStream, a finalizer, a free() from a
-    thread, an HTTP client), whose timing the test does not own.
-    """
-    for _ in range(steps):
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Step the loop until ``predicate()`` holds: for work that arrives from another thread (a
+    HostStream, a finalizer, a free() from a thread, an HTTP client), whose timing the test does
+    not own.  The bound is a safety net against a hang, not a synchronization: it fails the test
+    only when the condition never comes."""
+    for _ in range(1000):
         if predicate():
             return
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:  # a thread may still be on its way: real time, bounded
+    while time.monotonic() < deadline:
         if predicate():
             return
-        await anyio.sleep(0.005)
-    raise AssertionError("condition not reached")
+        await anyio.sleep(0.001)  # another thread's work is on its way: yield the GIL to it
+    raise AssertionError(f"condition not reached in {timeout} s")
 
 
 async def settle(steps: int = 20) -> None:
     """Step the loop a few times so callbacks already posted to it have run."""
     for _ in range(steps):
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
+
+
+def spin_until_past(deadline: float) -> None:
+    """Hold the loop thread until ``anyio.current_time()`` has passed ``deadline`` (no sleep:
+    the test knows the deadline is over when this returns)."""
+    while anyio.current_time() <= deadline:
+        pass
 
 
 class Gate:

@@ -1,13 +1,21 @@
-"""PinnedBuffer: views, and views keeping the memory alive."""
+"""PinnedBuffer: views, views keeping the memory alive, and the free / retire state machine.
+
+The state machine is tested against a fake owner (the BlockOwner protocol) whose loop runs posted
+calls only when the test says so, so every interleaving is chosen, not hoped for.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from aiopinned import HostStream, InvalidBufferError, PinnedPool
+from aiopinned import HostStream, InvalidBufferError, PinnedBuffer, PinnedPool
+from aiopinned._block import Block
 
 from .conftest import Gate, settle, until
 
@@ -124,3 +132,131 @@ async def test_views_made_before_and_after_a_dead_view_both_count() -> None:
         del second
         gc.collect()
         await until(lambda: pool.stats().free_blocks == 1)
+
+
+# -- the state machine, against a fake owner -----------------------------------------------------
+class FakeOwner:
+    """A BlockOwner whose "loop" is a list of posted calls, run when the test says."""
+
+    def __init__(self, *, on_loop_thread: bool = True, loop_alive: bool = True) -> None:
+        self._thread_id = threading.get_ident() if on_loop_thread else -1
+        self.loop_alive = loop_alive
+        self.posted: list[Callable[[], object]] = []
+        self.taken: list[Block] = []
+        self.orphaned: list[Block] = []
+
+    def _call_on_loop(self, fn: Callable[[], object]) -> bool:
+        if self.loop_alive:
+            self.posted.append(fn)
+        return self.loop_alive
+
+    def run_loop(self) -> None:
+        while self.posted:
+            self.posted.pop(0)()
+
+    def _take_back(self, block: Block) -> None:
+        self.taken.append(block)
+
+    def _orphaned(self, block: Block) -> None:
+        self.orphaned.append(block)
+
+    def _record(self, block: Block | None, stream: object) -> bool:
+        return block is not None
+
+    def _prepare_torch(self) -> None:
+        pass
+
+
+MEMORY = (ctypes.c_ubyte * 256)()
+
+
+def fake_buffer(owner: FakeOwner) -> tuple[PinnedBuffer, Block]:
+    block = Block(ctypes.addressof(MEMORY), 256)
+    return PinnedBuffer(owner, block, 256), block
+
+
+def test_free_on_the_loop_thread_hands_the_block_back_at_once() -> None:
+    owner = FakeOwner()
+    buf, block = fake_buffer(owner)
+    buf.free()
+    assert owner.taken == [block] and owner.posted == [] and buf.freed
+    with pytest.raises(InvalidBufferError):
+        buf.free()
+    with pytest.raises(InvalidBufferError):
+        buf.record_stream(None)
+
+
+def test_free_from_another_thread_hands_it_back_on_the_loop() -> None:
+    owner = FakeOwner(on_loop_thread=False)
+    buf, block = fake_buffer(owner)
+    buf.free()
+    assert owner.taken == [] and len(owner.posted) == 1
+    owner.run_loop()
+    assert owner.taken == [block]
+
+
+def test_a_view_defers_the_hand_back_until_it_dies() -> None:
+    owner = FakeOwner()
+    buf, block = fake_buffer(owner)
+    view = buf.memoryview()
+    buf.free()
+    owner.run_loop()
+    assert owner.taken == []
+    del view
+    gc.collect()
+    owner.run_loop()
+    assert owner.taken == [block]
+
+
+def test_free_from_a_thread_racing_the_last_view_hands_back_once() -> None:
+    """free() from a thread posts a settle; the last view dies before it runs and posts one too:
+    the block is handed back once (the race that gave two owners one address)."""
+    owner = FakeOwner(on_loop_thread=False)
+    buf, block = fake_buffer(owner)
+    view = buf.numpy()
+    buf.free()
+    del view
+    gc.collect()
+    assert len(owner.posted) == 2
+    owner.run_loop()
+    assert owner.taken == [block]
+
+
+def test_a_buffer_dropped_without_free_is_handed_back_from_the_loop() -> None:
+    owner = FakeOwner()
+    buf, block = fake_buffer(owner)
+    del buf
+    gc.collect()
+    assert owner.taken == []  # a finalizer never touches the owner's state itself
+    owner.run_loop()
+    assert owner.taken == [block]
+
+
+def test_with_the_loop_gone_the_block_is_orphaned_but_never_under_a_live_view() -> None:
+    owner = FakeOwner(on_loop_thread=False, loop_alive=False)
+    buf, block = fake_buffer(owner)
+    view = buf.memoryview()
+    buf.free()
+    assert owner.orphaned == []  # the view still reads the memory
+    del view
+    gc.collect()
+    assert owner.orphaned == [block] and owner.taken == []
+
+
+def test_with_the_loop_gone_a_view_of_a_live_buffer_orphans_nothing() -> None:
+    owner = FakeOwner(on_loop_thread=False, loop_alive=False)
+    buf, block = fake_buffer(owner)
+    view = buf.memoryview()
+    del view
+    gc.collect()
+    assert owner.orphaned == []  # never freed: the buffer still owns the block
+    buf.free()
+    assert owner.orphaned == [block]
+
+
+def test_a_zero_byte_buffer_has_nothing_to_hand_back() -> None:
+    owner = FakeOwner()
+    buf = PinnedBuffer(owner, None, 0)
+    buf.free()
+    buf.free()
+    assert (buf.ptr, buf.capacity, owner.taken) == (0, 0, [])

@@ -81,8 +81,10 @@ async def test_data_integrity_with_mixed_sizes_on_a_side_stream() -> None:
         await pool.synchronize(side)
         bad = [i for i, dev in outs if not bool((dev == i).all())]
         stats = pool.stats()
-        print(f"\nintegrity: 500 copies, {stats.cache_hits} cache hits, "
-              f"{stats.num_host_alloc} blocks pinned, {len(bad)} corrupted")
+        print(
+            f"\nintegrity: 500 copies, {stats.cache_hits} cache hits, "
+            f"{stats.num_host_alloc} blocks pinned, {len(bad)} corrupted"
+        )
         assert bad == []
         assert stats.cache_hits > 250
 
@@ -109,8 +111,10 @@ async def test_views_are_pinned_and_copy_at_pinned_bandwidth() -> None:
 
         ours, theirs = max(gbps(src) for _ in range(3)), max(gbps(ref) for _ in range(3))
         slow = gbps(pageable, 2)
-        print(f"\nH2D 512 MiB: aiopinned {ours:.1f} GB/s, torch pin_memory {theirs:.1f} GB/s, "
-              f"pageable {slow:.1f} GB/s")
+        print(
+            f"\nH2D 512 MiB: aiopinned {ours:.1f} GB/s, torch pin_memory {theirs:.1f} GB/s, "
+            f"pageable {slow:.1f} GB/s"
+        )
         assert ours >= 0.9 * theirs
         del src
         buf.free()
@@ -191,8 +195,10 @@ async def test_a_capped_pool_feeding_a_copy_loop_reuses_one_block() -> None:
                 ptrs.add(buf.ptr)
         await pool.synchronize(stream)
         s = pool.stats()
-        print(f"\ncapped copy loop: 50 x 64 MiB, {s.num_host_alloc} block pinned, "
-              f"peak reserved {s.peak_reserved_bytes >> 20} MiB of {n >> 20} MiB")
+        print(
+            f"\ncapped copy loop: 50 x 64 MiB, {s.num_host_alloc} block pinned, "
+            f"peak reserved {s.peak_reserved_bytes >> 20} MiB of {n >> 20} MiB"
+        )
         assert len(ptrs) == 1 and s.num_host_alloc == 1
         assert s.peak_reserved_bytes <= n
         assert int(dev[0]) == 49

@@ -10,6 +10,7 @@ import gc
 import threading
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 
@@ -311,7 +312,7 @@ async def test_synchronize_awaits_the_work_queued_on_a_stream() -> None:
         stream.launch(ran.append, 1)
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.synchronize, stream)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             assert ran == []
             gate.open()
         assert ran == [1]
@@ -350,7 +351,8 @@ async def test_buffers_out_at_close_are_released_when_freed(recording: Recording
     plain.free()
     await anyio.to_thread.run_sync(recording.freed.acquire)
     used.free()
-    assert not recording.freed.acquire(timeout=0.05)  # its stream still runs
+    await anyio.to_thread.run_sync(recording.synchronizing.wait)  # waiting on its stream...
+    assert not recording.freed.acquire(blocking=False)  # ...which still runs: not unpinned
     gate.open()
     await anyio.to_thread.run_sync(recording.freed.acquire)
     assert pool.stats().reserved_bytes == 0
@@ -394,14 +396,29 @@ async def test_stats_is_a_frozen_snapshot_with_the_torch_names() -> None:
         with pytest.raises(AttributeError):
             s.reserved_bytes = 0  # type: ignore[misc]
         d = s.as_dict()
-        for name in (
-            "reserved_bytes active_bytes active_requests free_blocks pending_events waiters "
-            "num_host_alloc num_host_free cache_hits cache_misses peak_reserved_bytes "
-            "host_alloc_time_us_total host_alloc_time_us_max host_free_time_us_total"
-        ).split():
+        for name in [
+            "reserved_bytes",
+            "active_bytes",
+            "active_requests",
+            "free_blocks",
+            "pending_events",
+            "waiters",
+            "num_host_alloc",
+            "num_host_free",
+            "cache_hits",
+            "cache_misses",
+            "peak_reserved_bytes",
+            "host_alloc_time_us_total",
+            "host_alloc_time_us_max",
+            "host_free_time_us_total",
+        ]:
             assert name in d
         assert (s.active_bytes, s.active_requests, s.cache_misses, s.num_host_alloc) == (
-            1024, 1, 1, 1)
+            1024,
+            1,
+            1,
+            1,
+        )
         assert s.host_alloc_time_us_total > 0
         buf.free()
         assert pool.stats().peak_reserved_bytes == 1024
@@ -417,5 +434,5 @@ async def test_buffer_context_managers_free_on_exit() -> None:
         assert buf2.freed
         with pytest.raises(ZeroDivisionError):
             async with pool.buffer(10) as buf3:
-                1 / 0
+                raise ZeroDivisionError("raised inside the block")
         assert buf3.freed

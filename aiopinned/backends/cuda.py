@@ -140,7 +140,7 @@ class CudaBackend:
         import torch
 
         # torch only reports memory from cudaHostAlloc as pinned once it has initialized CUDA.
-        torch.cuda.init()  # type: ignore[no-untyped-call]
+        torch.cuda.init()
 
     # -- streams and events -------------------------------------------------------------------
     def normalize_stream(self, stream: object) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Capped pools: waiting for blocks, FIFO fairness, cancellation, timeouts, nowait.
+"""PinnedPool under a cap: waiting for blocks, FIFO fairness, cancellation, timeouts, nowait,
+growth, threads and loops.  (The seed's own behaviours are in test_seed_parity.py.)
 
 Modelled on CPython's test_locks.py: waiters are queued one at a time (each until every task is
 blocked), the loop is stepped, and the order in which they are served is compared as a list.
@@ -10,12 +11,13 @@ import threading
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
 
 from aiopinned import PinnedBuffer, PinnedPool, PoolClosed, WouldBlock
 
-from .conftest import RecordingBackend, settle, until
+from .conftest import RecordingBackend, spin_until_past, until
 
 pytestmark = pytest.mark.anyio
 
@@ -202,10 +204,13 @@ async def test_a_timeout_leaves_no_trace() -> None:
         held = await pool.allocate(4 * KB)
         before = pool.stats()
         with pytest.raises(TimeoutError):
-            await pool.allocate(4 * KB, timeout=0.01)
+            await pool.allocate(4 * KB, timeout=0)  # the deadline is now: no real time passes
         after = pool.stats()
         assert (after.waiters, after.reserved_bytes, after.active_requests) == (
-            0, before.reserved_bytes, 1)
+            0,
+            before.reserved_bytes,
+            1,
+        )
         held.free()
         assert pool.stats().free_blocks == 1
 
@@ -214,9 +219,10 @@ async def test_a_timeout_that_races_a_handoff_returns_the_block() -> None:
     async with PinnedPool("host", max_bytes=4 * KB) as pool, anyio.create_task_group() as tg:
         held = await pool.allocate(4 * KB)
         w = Waiters(pool, tg)
-        await w.add("a", 4 * KB, timeout=0.05)
+        deadline = anyio.current_time() + 0.001
+        await w.add("a", 4 * KB, timeout=0.001)
         held.free()  # handed over...
-        time.sleep(0.1)  # ...and the deadline passes before "a" runs (the loop is held here)
+        spin_until_past(deadline)  # ...and the deadline passes before "a" runs
         await wait_all_tasks_blocked()
         assert w.served == ["a"] and w.errors == {}
 
@@ -265,11 +271,7 @@ async def test_a_cancelled_growth_is_adopted_not_leaked(recording: RecordingBack
                 scope.cancel()
         assert pool.stats().reserved_bytes == 64 * KB  # the pin is still in flight
         recording.alloc_gate.set()
-        await anyio.to_thread.run_sync(lambda: None)
-        for _ in range(1000):
-            if pool.stats().free_blocks:
-                break
-            await anyio.sleep(0.001)
+        await until(lambda: pool.stats().free_blocks == 1)
         s = pool.stats()
         assert (s.free_blocks, s.reserved_bytes, s.active_requests) == (1, 64 * KB, 0)
 
@@ -283,7 +285,11 @@ async def test_a_refused_pin_is_retried_after_releasing_idle_blocks(
         buf = await pool.allocate(8 * KB)
         s = pool.stats()
         assert (buf.capacity, s.free_blocks, s.num_host_free, s.reserved_bytes) == (
-            8 * KB, 0, 1, 8 * KB)
+            8 * KB,
+            0,
+            1,
+            8 * KB,
+        )
         recording.fail_if = lambda size: True
         with pytest.raises(MemoryError):
             await pool.allocate(64 * KB)
@@ -325,8 +331,7 @@ async def test_allocate_blocking_serves_plain_threads() -> None:
                 got.append(await anyio.to_thread.run_sync(in_thread))
 
             tg.start_soon(waiter)
-            while pool.stats().waiters == 0:
-                await anyio.sleep(0.001)
+            await until(lambda: pool.stats().waiters == 1)
             await anyio.to_thread.run_sync(buf.free)
         assert got[0].capacity == 4 * KB
 
@@ -359,11 +364,7 @@ async def test_free_from_a_finalizer_on_another_thread() -> None:
         box = [buf]
         del buf
         await anyio.to_thread.run_sync(box.clear)  # the last reference dies on a worker thread
-        for _ in range(100):
-            await settle()
-            if pool.stats().free_blocks == 1:
-                break
-        assert pool.stats().free_blocks == 1
+        await until(lambda: pool.stats().free_blocks == 1)
 
 
 async def _storm(pool: PinnedPool, seed: int, tasks: int) -> None:
@@ -378,8 +379,13 @@ async def _storm(pool: PinnedPool, seed: int, tasks: int) -> None:
     sizes = [1, 100, KB, 3 * KB, 4 * KB, 10 * KB, 16 * KB, 33 * KB, 64 * KB]
     outcomes = {"ok": 0, "timeout": 0, "cancelled": 0}
 
-    async def client(scope: anyio.CancelScope, nbytes: int, timeout: float | None,
-                     hold: int, stream: HostStream | None) -> None:
+    async def client(
+        scope: anyio.CancelScope,
+        nbytes: int,
+        timeout: float | None,
+        hold: int,
+        stream: HostStream | None,
+    ) -> None:
         with scope:
             try:
                 buf = await pool.allocate(nbytes, timeout=timeout)
@@ -390,7 +396,7 @@ async def _storm(pool: PinnedPool, seed: int, tasks: int) -> None:
                 buf.numpy()[:] = 1
                 assert pool.stats().reserved_bytes <= cap
                 for _ in range(hold):
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                 if stream is not None:
                     stream.launch(time.sleep, 0)
                     buf.record_stream(stream)
@@ -406,12 +412,15 @@ async def _storm(pool: PinnedPool, seed: int, tasks: int) -> None:
             scope = anyio.CancelScope()
             scopes.append(scope)
             tg.start_soon(
-                client, scope, rng.choice(sizes),
+                client,
+                scope,
+                rng.choice(sizes),
                 rng.choice([None, None, None, 0.0005, 0.002, 0.01]),
-                rng.randrange(4), rng.choice([None, None, *streams]),
+                rng.randrange(4),
+                rng.choice([None, None, *streams]),
             )
             if rng.random() < 0.3:
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
             if rng.random() < 0.1:
                 rng.choice(scopes).cancel()
     assert outcomes["ok"] > tasks // 4, outcomes
@@ -445,31 +454,10 @@ async def test_a_small_request_does_not_sit_in_a_big_idle_block_under_a_cap() ->
         assert pool.stats().num_host_free == 1
 
 
-async def test_waiting_costs_nothing_when_nothing_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aiopinned import HostStream, _events
-
-    async with PinnedPool("host") as pool:
-        pool._rt.watcher.idle_s = 0.01
-        stream = HostStream()
-        buf = await pool.allocate(10)
-        buf.record_stream(stream)
-        buf.free()
-        await pool.synchronize(stream)
-
-        def watchers() -> int:
-            return sum(t.name.startswith("aiopinned-watch") for t in threading.enumerate())
-
-        for _ in range(500):
-            if watchers() == 0:
-                break
-            await anyio.sleep(0.002)
-        assert watchers() == 0
-
-
 async def test_a_stuck_stream_does_not_hold_back_another() -> None:
     from aiopinned import HostStream
 
-    from .conftest import Gate, until
+    from .conftest import Gate
 
     async with PinnedPool("host") as pool:
         stuck, gate, fine = HostStream(), Gate(), HostStream()
@@ -485,18 +473,19 @@ async def test_a_stuck_stream_does_not_hold_back_another() -> None:
         await until(lambda: pool.stats().free_blocks == 2)
 
 
-
 async def test_spinning_returns_blocks_without_the_watcher_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from aiopinned import HostStream, _events
 
-    from .conftest import Gate, until
+    from .conftest import Gate
 
     # Silence the watcher threads: only the loop's polling can bring the block back.
     monkeypatch.setattr(_events.EventWatcher, "_on_synced", lambda self, key, item: None)
-    async with PinnedPool("host", max_bytes=4 * KB, spin_s=30) as pool, \
-            anyio.create_task_group() as tg:
+    async with (
+        PinnedPool("host", max_bytes=4 * KB, spin_s=30) as pool,
+        anyio.create_task_group() as tg,
+    ):
         stream, gate = HostStream(), Gate()
         stream.launch(gate)
         held = await pool.allocate(4 * KB)

@@ -1,0 +1,102 @@
+"""EventWatcher: pending events per stream, completion seen from helper threads or polls."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from aiopinned import HostStream
+from aiopinned._events import EventWatcher
+from aiopinned._loopport import LoopPort
+from aiopinned.backends.host import HostBackend
+
+from .conftest import Gate, until
+
+pytestmark = pytest.mark.anyio
+
+
+def watcher(idle_s: float = 5.0) -> tuple[EventWatcher, HostBackend]:
+    backend = HostBackend()
+    return EventWatcher(backend, LoopPort(), idle_s=idle_s), backend
+
+
+async def test_the_helper_thread_reports_completion_on_the_loop() -> None:
+    w, backend = watcher()
+    stream, gate, done = HostStream(), Gate(), []
+    stream.launch(gate)
+    w.add(stream, backend.record(stream), lambda: done.append(threading.get_ident()))
+    assert len(w) == 1 and w.poll() == 0
+    gate.open()
+    await until(lambda: bool(done))
+    assert done == [threading.get_ident()] and len(w) == 0
+    w.stop()
+
+
+async def test_poll_completes_finished_events_in_order() -> None:
+    w, backend = watcher()
+    stream, gate, done = HostStream(), Gate(), []
+    stream.launch(gate)
+    for i in range(3):
+        w.add(stream, backend.record(stream), lambda i=i: done.append(i))
+    gate.open()
+    stream.synchronize()  # blocking: the helper's report cannot land before the poll
+    assert w.poll() == 3 and done == [0, 1, 2]
+    w.stop()
+
+
+async def test_a_stuck_stream_holds_back_only_its_own_events() -> None:
+    w, backend = watcher()
+    (stuck, gate), fine, done = (HostStream(), Gate()), HostStream(), []
+    stuck.launch(gate)
+    w.add(stuck, backend.record(stuck), lambda: done.append("stuck"))
+    w.add(fine, backend.record(fine), lambda: done.append("fine"))
+    await until(lambda: done == ["fine"])
+    assert w.poll() == 0 and len(w) == 1
+    gate.open()
+    await until(lambda: done == ["fine", "stuck"])
+    w.stop()
+
+
+async def test_after_calls_back_once_every_stream_is_done() -> None:
+    w, _ = watcher()
+    (a, gate_a), (b, gate_b), done = (HostStream(), Gate()), (HostStream(), Gate()), []
+    a.launch(gate_a)
+    b.launch(gate_b)
+    w.after({a, b}, lambda: done.append("both"))
+    assert len(w) == 2
+    gate_a.open()
+    a.synchronize()
+    w.poll()
+    assert done == [] and len(w) == 1
+    gate_b.open()
+    await until(lambda: done == ["both"])
+    w.stop()
+
+
+async def test_idle_helpers_exit_after_idle_s_and_use_nothing_meanwhile() -> None:
+    w, _ = watcher(idle_s=0)
+    stream, done = HostStream(), []
+    w.after([stream], lambda: done.append(1))
+    await until(lambda: done == [1])
+
+    def helpers() -> int:
+        return sum(t.name.startswith("aiopinned-watch") for t in threading.enumerate())
+
+    await until(lambda: helpers() == 0)
+
+
+async def test_spin_polls_on_the_loop_while_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Silence the helper threads: only the loop's polling can see the event complete.
+    monkeypatch.setattr(EventWatcher, "_on_synced", lambda self, key, item: None)
+    w, _ = watcher()
+    stream, gate, done = HostStream(), Gate(), []
+    stream.launch(gate)
+    w.after([stream], lambda: done.append(1))
+    w.spin(30, lambda: True)
+    gate.open()
+    await until(lambda: done == [1])
+    w.spin(30, lambda: False)  # nothing pending: a no-op
+    await anyio.lowlevel.checkpoint()
+    w.stop()

@@ -1,0 +1,93 @@
+"""FreeList: the seed's best fit on ``(size, ptr)``, its exact-class fast path, the cap's bound."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from aiopinned._block import Block, pow2
+from aiopinned._freelist import FreeList
+
+
+def blocks(*sizes: int, base: int = 0x10000) -> list[Block]:
+    return [Block(base + i * 0x100000, size) for i, size in enumerate(sizes)]
+
+
+def test_take_is_the_smallest_block_that_fits_lowest_address_first() -> None:
+    free = FreeList()
+    a, b, c, d = blocks(4096, 1024, 2048, 1024)
+    for block in (a, b, c, d):
+        free.add(block)
+    assert free.take(1500) is c
+    assert free.take(1) is b  # two 1024s: the lower address first
+    assert free.take(1000) is d
+    assert free.take(4097) is None  # never a block smaller than the request
+    assert free.take(4096) is a
+    assert (len(free), free.nbytes) == (0, 0)
+
+
+def test_count_and_bytes_follow_adds_and_takes() -> None:
+    free = FreeList()
+    for block in blocks(64, 128, 128):
+        free.add(block)
+    assert (len(free), free.nbytes) == (3, 320)
+    free.take(100)
+    assert (len(free), free.nbytes) == (2, 192)
+
+
+def test_blocks_of_odd_sizes_are_found_by_the_sorted_search() -> None:
+    free = FreeList()
+    odd, pow2_block = blocks(3000, 4096)
+    free.add(pow2_block)
+    free.add(odd)
+    assert free.take(2500) is odd  # the best fit, though 4096 is the size class of 2500
+    assert free.take(2500) is pow2_block
+
+
+def test_bounded_takes_no_block_beyond_the_requests_size_class() -> None:
+    free = FreeList(bounded=True)
+    (big,) = blocks(1 << 20)
+    free.add(big)
+    assert free.take(1000) is None  # the cap's rule: it would sit in a 1 MiB block
+    assert free.take((1 << 19) + 1) is big  # pow2 of it is 1 MiB
+
+
+def test_remove_takes_exactly_that_block() -> None:
+    free = FreeList()
+    a, b, c = blocks(1024, 1024, 1024)
+    for block in (a, b, c):
+        free.add(block)
+    free.remove(b)
+    assert [free.take(1024), free.take(1024), free.take(1024)] == [a, c, None]
+
+
+def test_take_all_empties_and_largest_first_orders_by_size() -> None:
+    free = FreeList()
+    for block in blocks(64, 4096, 512, 4096):
+        free.add(block)
+    assert [b.size for b in free.largest_first()] == [4096, 4096, 512, 64]
+    assert sorted(b.size for b in free.take_all()) == [64, 512, 4096, 4096]
+    assert (len(free), free.nbytes, list(free.largest_first())) == (0, 0, [])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_adds_and_takes_match_a_sorted_model(seed: int) -> None:
+    rng = random.Random(seed)
+    free, model = FreeList(), []  # model: (size, ptr) kept sorted
+    ptr = 0x1000
+    for _ in range(2000):
+        if rng.random() < 0.5:
+            size = rng.choice([pow2(rng.randrange(1, 1 << 16)), rng.randrange(1, 1 << 16)])
+            ptr += 1 << 17
+            free.add(Block(ptr, size))
+            model.append((size, ptr))
+            model.sort()
+        else:
+            want = rng.randrange(1, 1 << 16)
+            got = free.take(want)
+            fit = next(((s, p) for s, p in model if s >= want), None)
+            assert (None if got is None else (got.size, got.ptr)) == fit
+            if fit is not None:
+                model.remove(fit)
+        assert (len(free), free.nbytes) == (len(model), sum(s for s, _ in model))

@@ -1,0 +1,112 @@
+"""LoopPort (into the loop from any thread) and run_off_loop (blocking calls that never lose
+their outcome)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import pytest
+from anyio import wait_all_tasks_blocked
+
+from aiopinned._loopport import LoopPort, run_detached, run_off_loop
+
+from .conftest import until
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_post_runs_the_call_on_the_loop_thread() -> None:
+    port, ran = LoopPort(), []
+    assert port.is_current() and port.thread_id == threading.get_ident()
+
+    def from_thread() -> bool:
+        return port.post(lambda: ran.append(threading.get_ident()))
+
+    assert await anyio.to_thread.run_sync(from_thread)
+    await until(lambda: bool(ran))
+    assert ran == [threading.get_ident()]
+
+
+def test_post_answers_false_once_the_loop_is_gone() -> None:
+    ports: list[LoopPort] = []
+
+    async def grab() -> None:
+        ports.append(LoopPort())
+
+    anyio.run(grab)
+    assert ports[0].post(lambda: None) is False
+
+
+async def test_is_current_is_false_on_another_loop() -> None:
+    port = LoopPort()
+
+    def other() -> bool:
+        async def check() -> bool:
+            return port.is_current()
+
+        return anyio.run(check)
+
+    assert await anyio.to_thread.run_sync(other) is False
+
+
+async def test_run_off_loop_returns_the_result_from_another_thread() -> None:
+    loop_thread = threading.get_ident()
+    result = await run_off_loop(LoopPort(), threading.get_ident, on_orphan=_never)
+    assert result != loop_thread
+
+
+async def test_run_off_loop_raises_what_the_call_raised() -> None:
+    with pytest.raises(ZeroDivisionError):
+        await run_off_loop(LoopPort(), lambda: 1 // 0, on_orphan=_never)
+
+
+async def test_a_caller_that_leaves_hands_the_outcome_to_on_orphan_once() -> None:
+    gate, orphaned = threading.Event(), []
+    port = LoopPort()
+
+    def work() -> str:
+        gate.wait(30)
+        return "pinned"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: run_off_loop(port, work, on_orphan=lambda *o: orphaned.append(o)))
+        await wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert orphaned == []  # the call still runs: nothing to adopt yet
+    gate.set()
+    await until(lambda: bool(orphaned))
+    assert orphaned == [("pinned", None)]
+
+
+async def test_a_caller_cancelled_after_the_call_finished_still_hands_it_on() -> None:
+    orphaned: list[tuple[Any, BaseException | None]] = []
+    returned: list[int] = []
+    port = LoopPort()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                on_orphan = lambda *o: orphaned.append(o)  # noqa: E731
+                returned.append(await run_off_loop(port, lambda: 7, on_orphan=on_orphan))
+
+            tg.start_soon(call)
+            await wait_all_tasks_blocked()
+            for thread in threading.enumerate():  # the call is over and its wake-up posted,
+                if thread.name == "aiopinned-backend":  # but the loop has not run it yet
+                    thread.join()
+            scope.cancel()
+    # Exactly once: asyncio cancels the waiting caller, so the pool adopts the outcome; trio
+    # may have rescheduled the caller with its result first, and a rescheduled task keeps it.
+    assert returned + [result for result, _ in orphaned] == [7]
+
+
+async def test_run_detached_runs_in_a_thread_nobody_awaits() -> None:
+    ran = threading.Event()
+    run_detached(ran.set, "test-detached")
+    assert await anyio.to_thread.run_sync(ran.wait, 30)
+
+
+def _never(result: object, error: BaseException | None) -> None:
+    raise AssertionError("no orphan expected")
