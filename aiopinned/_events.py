@@ -127,17 +127,18 @@ class EventWatcher:
             helper.queue.put(item)
 
     def after(self, keys: Collection[Hashable], on_done: Callable[[], object]) -> None:
-        """Record an event on each stream in ``keys``; ``on_done()`` runs on the loop once all of
-        them have completed (the seed's per-block ``event_count_``)."""
-        record, count = self._backend.record, [len(keys)]
+        """Record an event on each stream in ``keys`` (not empty); ``on_done()`` runs on the loop
+        once all of them have completed (the count is the seed's per-block ``event_count_``)."""
+        count = [len(keys)]
 
         def one_done() -> None:
             count[0] -= 1
             if count[0] == 0:
                 on_done()
 
+        done = one_done if len(keys) > 1 else on_done
         for key in keys:
-            self.add(key, record(key), one_done if count[0] > 1 else on_done)
+            self.add(key, self._backend.record(key), done)
 
     def poll(self) -> int:
         """Complete every event that has finished, on every stream; return how many."""
