@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from threading import Lock, get_ident
@@ -66,7 +67,8 @@ class PinnedBuffer:
     while a view is still referenced defers the block's return until the last view is gone.
     After ``free()`` no new view can be made (:class:`~aiopinned.InvalidBufferError`).
 
-    A buffer that is garbage-collected without ``free()`` is freed then.
+    A buffer that is garbage-collected without ``free()`` is freed then, with a
+    ``ResourceWarning`` (which, with ``tracemalloc`` on, says where it was allocated).
     """
 
     __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_owner", "_retired")
@@ -183,6 +185,7 @@ class PinnedBuffer:
             InvalidBufferError: the buffer was already freed.
         """
         if self._block is None:
+            self._live.clear()  # nothing to give back; freeing it again is no error either
             return
         try:
             self._live.pop()
@@ -230,7 +233,15 @@ class PinnedBuffer:
             self._live.pop()
         except IndexError:
             return
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        with contextlib.suppress(Exception):  # (at interpreter shutdown, warnings may be gone)
+            warnings.warn(
+                f"PinnedBuffer of {self._nbytes} bytes was never freed; free() it, or use "
+                "'async with pool.buffer(n)'",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+        with contextlib.suppress(Exception):
             self._settle_soon()  # never touch the owner's state from inside a finalizer
 
     def __repr__(self) -> str:

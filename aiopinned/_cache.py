@@ -45,9 +45,19 @@ class Cache:
         self.reservations.settle(plan, pinned=True)
         return self.register(Block(ptr, plan.size))
 
-    def settle_failed(self, plan: Plan) -> None:
-        """``plan``'s thread ran and pinned nothing (its victims are unpinned all the same)."""
-        self.reservations.settle(plan, pinned=False)
+    def settle_failed(self, plan: Plan, still_pinned: list[Block] | None = None) -> list[Block]:
+        """``plan``'s thread ran and pinned nothing.  Its victims are unpinned, but for
+        ``still_pinned`` (their unpin failed): those are registered again and returned, for the
+        caller to return to the free list, and stay counted."""
+        still = still_pinned or []
+        self.reservations.settle(plan, pinned=False, still_pinned=sum(b.size for b in still))
+        return [self.register(block) for block in still]
+
+    def unpinned(self, blocks: list[Block], still_pinned: list[Block]) -> list[Block]:
+        """``blocks`` from ``take_idle`` were unpinned, but for ``still_pinned``: those are
+        registered again and returned, and stay counted."""
+        self.reservations.unpinned(sum(b.size for b in blocks if b not in still_pinned))
+        return [self.register(block) for block in still_pinned]
 
     def undo(self, plan: Plan) -> list[Block]:
         """``plan`` never ran: its victims, registered again, for the caller to return."""

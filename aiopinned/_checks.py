@@ -7,11 +7,13 @@ to these for everything else.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 from .backends import Backend
 
 BACKEND_NAMES = ("auto", "cuda", "host")
+ADDRESS_LIMIT = 1 << 64  # ctypes would take larger addresses modulo 2**64
 
 
 def as_size(nbytes: object, what: str = "nbytes") -> int:
@@ -31,9 +33,13 @@ def as_seconds(value: object, what: str) -> float:
     """A non-negative number of seconds (``inf`` allowed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    if math.isnan(value) or value < 0:
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{what} is too large; use None (or inf) for no limit") from None
+    if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"{what} must be >= 0, not {value}")
-    return float(value)
+    return seconds
 
 
 def as_timeout(timeout: object) -> float:
@@ -67,14 +73,18 @@ def as_copy(dest: object, src: object, count: object) -> tuple[int, int, int]:
     dest, src, count = as_size(dest, "dest"), as_size(src, "src"), as_size(count, "count")
     if count and not (dest and src):
         raise ValueError("copy_data() with a null address")
+    if max(dest, src) + count > ADDRESS_LIMIT:
+        raise ValueError("copy_data() past the end of the address space")
     return dest, src, count
 
 
 def pointer_of(obj: object) -> int:
     """The address of an ``int``, an object with ``data_ptr()``, or one with
     ``__array_interface__`` (what ``record_stream`` accepts besides a buffer)."""
-    if isinstance(obj, int) and not isinstance(obj, bool):
-        ptr = obj
+    if isinstance(obj, bool):
+        raise TypeError("record_stream() takes an address, not a bool")
+    if isinstance(obj, numbers.Integral):  # an int, or a NumPy integer: its value, not its
+        ptr = int(obj)  # own __array_interface__ (the scalar object's address)
     elif hasattr(obj, "data_ptr"):
         ptr = obj.data_ptr()
     elif hasattr(obj, "__array_interface__"):
@@ -84,6 +94,6 @@ def pointer_of(obj: object) -> int:
             "record_stream() takes a PinnedBuffer, an int address, or an object with data_ptr() "
             f"or __array_interface__, not {type(obj).__name__}"
         )
-    if ptr is None or ptr < 0:
+    if ptr is None or not 0 <= ptr < ADDRESS_LIMIT:
         raise ValueError(f"not a valid address: {ptr!r}")
     return int(ptr)

@@ -19,6 +19,16 @@ How completion is seen, without polling the loop's ~1 ms timers:
 
 An event is released back to the backend only once both the FIFO and its helper are done with
 it, so a helper never waits on an event that has been recycled.
+
+When the backend fails (faults are part of the contract, not an afterthought):
+
+* a failing ``record`` leaves nothing half-watched: ``after`` records every event first, and on
+  a failure releases those it made and raises;
+* a failing ``query`` means "not known to be done": the helper thread's wait decides;
+* a failing ``synchronize`` falls back to ``synchronize_stream`` (no event needed); only when
+  that fails too is the device taken to be gone, and the event reported done (nothing can still
+  be reading the memory), with an error logged;
+* ``on_done`` runs before the event is released, so a failing release loses nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
+
+import anyio
 
 from ._loopport import LoopPort
 from .backends.base import Backend
@@ -75,12 +87,22 @@ class _Helper:
                 continue
             if item is None:
                 return
-            try:
-                backend.synchronize(item.event)
-            except Exception:  # a dead context: report it done; nothing can still be reading
-                log.exception("aiopinned: waiting on an event of stream %r failed", key)
+            _wait_for(backend, key, item.event)
             if not port.post(watcher._on_synced, key, item):
                 return  # the loop has stopped: nobody is left to hand blocks to
+
+
+def _wait_for(backend: Backend, key: Hashable, event: Any) -> None:
+    """Block until ``event`` (recorded on stream ``key``) has completed, or the device is gone."""
+    try:
+        backend.synchronize(event)
+        return
+    except Exception:
+        log.warning("aiopinned: waiting on an event of stream %r failed; now on the stream", key)
+    try:
+        backend.synchronize_stream(key)
+    except Exception:  # the device is gone: nothing can still be reading the memory
+        log.exception("aiopinned: stream %r cannot be waited on; taking its work as ended", key)
 
 
 class EventWatcher:
@@ -89,6 +111,7 @@ class EventWatcher:
     __slots__ = (
         "_backend",
         "_count",
+        "_empty",
         "_helpers",
         "_lock",
         "_port",
@@ -107,6 +130,7 @@ class EventWatcher:
         self._helpers: dict[Hashable, _Helper] = {}
         self._lock = threading.Lock()  # guards helper start/exit only
         self._count = 0
+        self._empty: list[anyio.Event] = []  # set when nothing is pending
 
     def __len__(self) -> int:
         """Events recorded and not yet seen to complete."""
@@ -129,16 +153,30 @@ class EventWatcher:
     def after(self, keys: Collection[Hashable], on_done: Callable[[], object]) -> None:
         """Record an event on each stream in ``keys`` (not empty); ``on_done()`` runs on the loop
         once all of them have completed (the count is the seed's per-block ``event_count_``)."""
-        count = [len(keys)]
+        count, backend, recorded = [len(keys)], self._backend, []
 
         def one_done() -> None:
             count[0] -= 1
             if count[0] == 0:
                 on_done()
 
+        try:
+            for key in keys:
+                recorded.append((key, backend.record(key)))
+        except BaseException:
+            for _, event in recorded:
+                self._release(event)
+            raise
         done = one_done if len(keys) > 1 else on_done
-        for key in keys:
-            self.add(key, self._backend.record(key), done)
+        for key, event in recorded:
+            self.add(key, event, done)
+
+    async def wait_empty(self) -> None:
+        """Wait until every event has been seen to complete (or given up on)."""
+        if self._count:
+            empty = anyio.Event()
+            self._empty.append(empty)
+            await empty.wait()
 
     def poll(self) -> int:
         """Complete every event that has finished, on every stream; return how many."""
@@ -179,18 +217,36 @@ class EventWatcher:
     def _drain(self, key: Hashable) -> int:
         fifo = self._streams.get(key)
         done = 0
-        query = self._backend.query
-        while fifo and (fifo[0].synced or query(fifo[0].event)):
+        while fifo and (fifo[0].synced or self._query(key, fifo[0].event)):
             item = fifo.popleft()
             self._count -= 1
             done += 1
-            self._unref(item)
-            item.on_done()
+            try:
+                item.on_done()
+            finally:
+                self._unref(item)
         if fifo is not None and not fifo:
             del self._streams[key]
+        if not self._count and self._empty:
+            empty, self._empty = self._empty, []
+            for event in empty:
+                event.set()
         return done
+
+    def _query(self, key: Hashable, event: Any) -> bool:
+        try:
+            return self._backend.query(event)
+        except Exception:  # not known to be done: the helper's wait decides
+            log.warning("aiopinned: querying an event of stream %r failed", key, exc_info=True)
+            return False
 
     def _unref(self, item: _Pending) -> None:
         item.refs -= 1
         if item.refs == 0:
-            self._backend.release_event(item.event)
+            self._release(item.event)
+
+    def _release(self, event: Any) -> None:
+        try:
+            self._backend.release_event(event)
+        except Exception:  # the event is lost to the backend's cache; nothing else is
+            log.warning("aiopinned: releasing an event failed", exc_info=True)

@@ -7,28 +7,34 @@ knows which loop and thread the pool belongs to.
 ``run_off_loop`` runs a blocking backend call in a worker thread and never loses its result: if
 the awaiting task is cancelled (or times out) first, the result is handed to ``on_orphan`` on the
 loop once the thread finishes, so memory pinned for a caller who went away is adopted, not leaked.
-``run_detached`` is the one other way the pool starts a thread: work nobody awaits.
+``run_detached`` hands work nobody awaits to one long-lived reaper thread (safe from finalizers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
+import queue
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 T = TypeVar("T")
+log = logging.getLogger("aiopinned")
 
-__all__ = ["LoopPort", "run_detached", "run_off_loop"]
+__all__ = ["LoopGone", "LoopPort", "run_detached", "run_off_loop", "start_reaper"]
 
 
 class LoopPort:
     """The pool's event loop, seen from anywhere."""
 
-    __slots__ = ("_native", "_post", "call_soon", "is_current", "thread_id", "token")
+    __slots__ = ("_native", "_post", "_spawn", "call_soon", "is_current", "thread_id", "token")
 
     def __init__(self) -> None:
         self.token = anyio.lowlevel.current_token()
@@ -36,6 +42,14 @@ class LoopPort:
         self._native = native
         self.thread_id = threading.get_ident()
         if isinstance(native, asyncio.AbstractEventLoop):
+            tasks: set[asyncio.Task[None]] = set()
+
+            def spawn(async_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+                task = native.create_task(async_fn())
+                tasks.add(task)  # (the loop holds tasks weakly)
+                task.add_done_callback(tasks.discard)
+
+            self._spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] = spawn
             self._post = native.call_soon_threadsafe
             #: schedule from the loop's own thread (no wake-up of the selector)
             self.call_soon: Callable[..., object] = native.call_soon
@@ -44,6 +58,10 @@ class LoopPort:
         else:  # trio: anyio's native token is the TrioToken
             import trio
 
+            def spawn_system_task(async_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+                trio.lowlevel.spawn_system_task(async_fn)
+
+            self._spawn = spawn_system_task
             self._post = native.run_sync_soon
             self.call_soon = native.run_sync_soon
             current = trio.lowlevel.current_trio_token
@@ -56,6 +74,80 @@ class LoopPort:
 
             self.is_current = is_current
 
+    def submit(
+        self, async_fn: Callable[[], Awaitable[T]]
+    ) -> tuple[concurrent.futures.Future[T], Callable[[], None]]:
+        """From another thread: run ``async_fn()`` as a task of the loop.  Returns its future,
+        and a function that cancels it (before it starts, or while it runs; any thread).
+
+        Raises ``LoopGone`` when the loop has stopped.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        scopes: list[anyio.CancelScope] = []
+
+        async def run() -> None:
+            try:
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
+                    future.set_result(await async_fn())
+                    return
+            except BaseException as exc:  # the task's own error, or the loop shutting down
+                if not future.done():
+                    cancelled = concurrent.futures.CancelledError()
+                    future.set_exception(exc if isinstance(exc, Exception) else cancelled)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            future.set_exception(concurrent.futures.CancelledError())  # cancel() stopped it
+
+        def start() -> None:
+            if future.set_running_or_notify_cancel():
+                self._spawn(run)
+
+        def cancel_running() -> None:
+            for scope in scopes:
+                scope.cancel()
+
+        def cancel() -> None:
+            if not future.cancel():
+                self.post(cancel_running)
+
+        if not self.post(start):
+            raise LoopGone("the event loop has stopped")
+        return future, cancel
+
+    def call(
+        self, async_fn: Callable[[], Awaitable[T]], *, timeout: float,
+        on_orphan: Callable[[T], object],
+    ) -> T:  # fmt: skip
+        """From another thread: ``await async_fn()`` on the loop, waiting at most ``timeout``
+        seconds, whether or not the loop is running meanwhile.  A result that arrives after the
+        caller gave up is handed to ``on_orphan`` instead of being lost.
+
+        Raises ``TimeoutError``; ``LoopGone`` if the loop stops first; what the call raised.
+        """
+        future, cancel = self.submit(async_fn)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(max(0.0, min(deadline - time.monotonic(), 0.25)))
+            except concurrent.futures.TimeoutError:
+                pass
+            if time.monotonic() >= deadline:
+                error: Exception = TimeoutError(f"no result within {timeout} s")
+            elif not self.post(_nothing):
+                error = LoopGone("the event loop has stopped")
+            else:
+                continue
+            cancel()
+
+            def adopt(done: concurrent.futures.Future[T]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    on_orphan(done.result())
+
+            future.add_done_callback(adopt)
+            raise error
+
     def post(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on the loop soon; safe from any thread and from finalizers.
 
@@ -66,6 +158,14 @@ class LoopPort:
         except RuntimeError:  # loop closed / trio run finished
             return False
         return True
+
+
+class LoopGone(RuntimeError):
+    """The event loop has stopped: nothing more can run on it."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Call:
@@ -112,7 +212,7 @@ async def run_off_loop(
         elif not port.post(orphan, result, error):
             orphan(result, error)  # the loop is gone: settle it here rather than lose it
 
-    run_detached(work, "aiopinned-backend")
+    threading.Thread(target=work, name="aiopinned-backend", daemon=True).start()
     try:
         await finished.wait()
     except BaseException:
@@ -128,6 +228,49 @@ async def run_off_loop(
     return call.result  # type: ignore[no-any-return]
 
 
-def run_detached(fn: Callable[[], object], name: str) -> None:
-    """Run ``fn()`` in a daemon thread of its own, with no one awaiting it."""
-    threading.Thread(target=fn, name=name, daemon=True).start()
+class _Reaper:
+    """One daemon thread for work nobody awaits (unpinning memory whose loop is gone, say).
+
+    Handing it work is a ``SimpleQueue.put``: reentrant, never blocking, so finalizers may do it.
+    The thread is started when a pool opens (``start``), never from a finalizer at interpreter
+    shutdown: work handed over then, with no thread to run it, is dropped, and the process's end
+    reclaims what it would have released.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if sys.is_finalizing():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # (a fork loses it)
+                self._thread = threading.Thread(target=self._run, name="aiopinned-reaper",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+
+    def put(self, fn: Callable[[], object]) -> None:
+        self._queue.put(fn)
+        thread = self._thread
+        if (thread is None or not thread.is_alive()) and not sys.is_finalizing():
+            self.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                fn()
+            except Exception:
+                log.exception("aiopinned: background work failed")
+            del fn
+
+
+_REAPER = _Reaper()
+start_reaper = _REAPER.start
+
+
+def run_detached(fn: Callable[[], object]) -> None:
+    """Run ``fn()`` in the reaper thread, with no one awaiting it; safe from finalizers."""
+    _REAPER.put(fn)

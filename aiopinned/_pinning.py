@@ -1,16 +1,20 @@
-"""The pinning side: what a pool runs in worker threads (pin, unpin, wait for events).
+"""The pinning side: what a pool runs in worker threads (pin, unpin, wait for streams).
 
 Everything here blocks for milliseconds to seconds and never runs on the loop thread.  It reaches
 threads only through :mod:`._loopport`: ``run_off_loop`` for work a caller awaits (and whose
-outcome is adopted if the caller leaves first), ``run_detached`` for work nobody awaits.  The only
-pool state it touches is the counters' thread-safe timing records.
+outcome is adopted if the caller leaves first), ``run_detached`` for work nobody awaits (the
+reaper thread, which finalizers may hand work to).  The only pool state it touches is the
+counters' thread-safe timing records.
+
+Unpinning tries every block, whatever fails: a block whose unpin failed is still pinned, and is
+reported back (``StillPinned``) so that the pool keeps counting it instead of pinning past its cap.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 from ._block import Block
@@ -22,6 +26,17 @@ from .backends import Backend
 log = logging.getLogger("aiopinned")
 
 Orphan = Callable[[Any, BaseException | None], None]
+Unpinned = tuple[list[Block], "Exception | None"]  # still pinned, and the first error
+
+
+class StillPinned(Exception):
+    """Some blocks could not be unpinned: ``blocks`` are still pinned; ``error`` is the first
+    failure (what the caller sees)."""
+
+    def __init__(self, blocks: list[Block], error: BaseException) -> None:
+        super().__init__(f"{len(blocks)} blocks could not be unpinned: {error}")
+        self.blocks = blocks
+        self.error = error
 
 
 def log_late(result: object, error: BaseException | None) -> None:
@@ -41,59 +56,89 @@ class Pinning:
         self._counters = counters
 
     async def grow(self, plan: Plan, *, on_orphan: Orphan) -> int:
-        """Unpin ``plan``'s victims, then pin its block; its address."""
+        """Unpin ``plan``'s victims, then pin its block; its address.
+
+        Raises ``StillPinned`` (and pins nothing) if a victim could not be unpinned.
+        """
         return await run_off_loop(self._port, self._unpin_then_pin, plan, on_orphan=on_orphan)
 
-    async def unpin(self, blocks: list[Block], *, then: Callable[[], object]) -> None:
+    async def unpin(self, blocks: list[Block], *, then: Callable[[list[Block]], object]) -> None:
         """Unpin blocks that are already out of the pool's cache and registry.
 
-        ``then()`` runs on the loop once the thread is done, exactly once, whether or not the
-        caller is still there to see it.
+        ``then(still_pinned)`` runs on the loop once the thread is done, exactly once, whether
+        or not the caller is still there.  The caller then sees the first failure, if any.
         """
 
-        def orphaned(result: object, error: BaseException | None) -> None:
-            log_late(result, error)
-            then()
+        def orphaned(outcome: Unpinned | None, error: BaseException | None) -> None:
+            log_late(None, error if outcome is None else outcome[1])
+            then(blocks if outcome is None else outcome[0])
 
         try:
-            await run_off_loop(self._port, self._unpin_all, blocks, on_orphan=orphaned)
-        except Exception:  # a cancelled caller is settled by `orphaned`, when the thread ends
-            then()
+            still, error = await run_off_loop(
+                self._port, self._try_unpin, blocks, on_orphan=orphaned
+            )
+        except Exception:  # (a cancelled caller is settled by `orphaned`, when the thread ends)
+            then(blocks)
             raise
-        then()
-
-    async def synchronize(self, events: list[Any]) -> None:
-        """Wait until every one of ``events`` has completed."""
-        await run_off_loop(self._port, self._synchronize_all, events, on_orphan=log_late)
+        then(still)
+        if error is not None:
+            raise StillPinned(still, error)
 
     def unpin_after_streams(self, block: Block) -> None:
-        """Unpin ``block`` once the work queued on its streams is done, in a thread nobody
-        awaits (any thread)."""
-        events = [self._backend.record(key) for key in block.streams]
+        """Any thread, finalizers included: unpin ``block`` once the work queued on its streams
+        has run, in the reaper thread.  A stream that cannot be waited on leaves the block
+        pinned until the process ends: that is safe, and unpinning it might not be."""
+        keys, backend = list(block.streams), self._backend
         block.streams.clear()
 
         def work() -> None:
-            self._synchronize_all(events)
-            for event in events:
-                self._backend.release_event(event)
-            self._unpin_all([block])
+            for key in keys:
+                try:
+                    backend.synchronize_stream(key)
+                except Exception:
+                    log.exception("aiopinned: stream %r cannot be waited on; %r stays", key, block)
+                    return
+            self._try_unpin([block])
 
-        run_detached(work, "aiopinned-unpin")
+        run_detached(work)
+
+    def return_after_streams(self, keys: Collection[Hashable], then: Callable[[], object]) -> None:
+        """``then()`` on the loop once the work queued on ``keys`` has run (waited for in the
+        reaper thread): the fallback when no event could be recorded."""
+        backend = self._backend
+
+        def work() -> None:
+            for key in keys:
+                try:
+                    backend.synchronize_stream(key)
+                except Exception:  # the device is gone: nothing can still be reading
+                    log.exception("aiopinned: stream %r cannot be waited on", key)
+            self._port.post(then)
+
+        run_detached(work)
 
     # -- in the worker thread -----------------------------------------------------------------
     def _unpin_then_pin(self, plan: Plan) -> int:
-        self._unpin_all(plan.victims)
+        still, error = self._try_unpin(plan.victims)
+        if error is not None:
+            raise StillPinned(still, error)
         t0 = time.perf_counter()
         ptr = self._backend.alloc(plan.size)
         self._counters.pinned((time.perf_counter() - t0) * 1e6)
         return ptr
 
-    def _unpin_all(self, blocks: list[Block]) -> None:
+    def _try_unpin(self, blocks: list[Block]) -> Unpinned:
+        """Unpin every block that can be: those that could not (still pinned), and the first
+        error."""
+        still, first = [], None
         for block in blocks:
             t0 = time.perf_counter()
-            self._backend.free(block.ptr, block.size)
+            try:
+                self._backend.free(block.ptr, block.size)
+            except Exception as exc:
+                log.warning("aiopinned: unpinning %r failed: %s", block, exc)
+                still.append(block)
+                first = first or exc
+                continue
             self._counters.unpinned((time.perf_counter() - t0) * 1e6)
-
-    def _synchronize_all(self, events: list[Any]) -> None:
-        for event in events:
-            self._backend.synchronize(event)
+        return still, first

@@ -1,20 +1,17 @@
 """PinnedPool: the seed's caching host allocator, moved into the event loop.
 
-The pool orchestrates: the fast path, the slow path (grow, else wait), and serving waiters.  What
-is pinned lives in :mod:`._cache`, the waiters in :mod:`._waiters`, the runtime after ``open()``
-in :mod:`._runtime`, each buffer's lifetime in :mod:`._buffer`, the counts in :mod:`._stats`.
-A block is *returned* to the free list (and so to the first waiter), or *unpinned* to the system.
-
-Pool state is changed on the loop thread only (other threads post to it) and no critical
-section over it awaits: the loop serializes it, as the seed's mutexes do.  Waiters are served
-strictly FIFO (``docs/design.md`` says why nobody starves).  Invariant: ``bool(self._lot)``
-implies no idle block fits the head and it cannot grow, even by unpinning every idle block.
+The pool orchestrates the fast path, the slow path (grow, else wait) and serving waiters; each
+piece of state has an object of its own (``docs/design.md`` has the table).  A block is
+*returned* to the free list (and so to the first waiter), or *unpinned* to the system.  Pool state
+changes on the loop thread only, and no critical section over it awaits.  Invariant:
+``bool(self._lot)`` implies no idle block fits the head and it cannot grow, even by unpinning
+every idle block.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from threading import get_ident
@@ -25,12 +22,15 @@ from ._block import ALLOCATED, FREE, PENDING, UNPINNED, Block
 from ._buffer import PinnedBuffer
 from ._cache import Cache
 from ._checks import as_backend, as_copy, as_max_bytes, as_seconds, as_size, as_timeout, pointer_of
+from ._growth import Growth
+from ._loopport import LoopGone
+from ._pinning import StillPinned
 from ._reservations import Plan
 from ._runtime import NOT_OPEN, NOT_OPEN_MESSAGE, Runtime
 from ._stats import Counters, PoolStats
 from ._waiters import ParkingLot
 from .backends import Backend
-from .errors import InvalidBufferError, PinnedMemoryError, PoolClosed, WouldBlock
+from .errors import InvalidBufferError, PoolClosed, WouldBlock
 
 __all__ = ["PinnedPool"]
 
@@ -60,18 +60,19 @@ class PinnedPool:
     def __init__(
         self, backend: str | Backend = "auto", *, max_bytes: int | None = None, spin_s: float = 0.0
     ) -> None:
+        self._state = _NEW  # (first: __del__ reads it even when a check below fails)
         self._spec = as_backend(backend)
         self._max_bytes = as_max_bytes(max_bytes)
         self._spin_s = as_seconds(spin_s, "spin_s")
         self._cap = _NO_CAP if self._max_bytes is None else self._max_bytes
-        self._state = _NEW
         self._rt: Runtime = NOT_OPEN
         self._thread_id = -1  # the loop thread, once open
         self._cache = Cache(self._max_bytes)
         self._free = self._cache.free  # the hot path's one attribute lookup
-        self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on)
-        self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
         self._counts = Counters()
+        self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on, self._counts.waited)
+        self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
+        self._growth = Growth(self._cache, self._counts, self._return_blocks)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> PinnedPool:
@@ -90,23 +91,27 @@ class PinnedPool:
     async def aclose(self) -> None:
         """Close the pool: wake waiters with :class:`PoolClosed`, unpin idle memory.
 
-        Blocks whose copies are still running are waited for (off the loop) and unpinned.
-        Buffers still out are unpinned when they are freed.
+        Blocks whose copies are still running are waited for (off the loop) and unpinned;
+        buffers still out are unpinned when they are freed.  Closing always finishes: a close
+        that is cancelled (a stream that never ends) can be retried and goes on where it
+        stopped, and a block that fails to unpin does not stop the others (the error is raised
+        once everything else is done).
         """
-        if self._state != _OPEN or self._rt is NOT_OPEN:
-            self._state = _CLOSED if self._state == _NEW else self._state
+        if self._state == _NEW or self._rt is NOT_OPEN:
+            self._state = _CLOSED
+        if self._state == _CLOSED:
             return
         self._check_loop()
-        self._state = _CLOSING
+        rt, self._state = self._rt, _CLOSING
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
-        rt = self._rt
-        while len(rt.watcher):
-            await rt.pinning.synchronize(rt.watcher.pending_events())
-            rt.watcher.poll()
-        victims = self._cache.take_idle()
-        self._state = _CLOSED
-        await self._unpin_idle(victims)
-        rt.close()
+        try:
+            await rt.watcher.wait_empty()
+            victims = self._cache.take_idle()
+            self._state = _CLOSED
+            await self._unpin_idle(victims)
+        finally:
+            if self._state == _CLOSED:
+                rt.close()
 
     async def __aenter__(self) -> PinnedPool:
         return await self.open()
@@ -156,7 +161,10 @@ class PinnedPool:
             grant = await self._wait(size, deadline)
         if isinstance(grant, Block):
             return self._hand_out(grant, size, 1)
-        return await self._grow(grant, size, deadline)
+        buf = self._hand_out(await self._growth.grow(self._rt.pinning, grant, deadline), size)
+        if self._waiters:  # unpinning bigger victims than the block may have left room
+            self._serve()
+        return buf
 
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
         """A cached block at once, or :class:`WouldBlock`.
@@ -187,8 +195,13 @@ class PinnedPool:
         """``allocate`` for plain threads (e.g. sync data-loader workers): blocks the caller."""
         if get_ident() == self._thread_id:
             raise RuntimeError("allocate_blocking() on the pool's own loop thread would deadlock")
+        wait, _ = as_timeout(timeout), as_size(nbytes)
+        self._check_open()
         run = partial(self.allocate, nbytes, timeout=timeout)
-        return anyio.from_thread.run(run, token=self._rt.port.token)
+        try:  # the pool's own timeout runs on the loop; this one bounds the wait for the loop
+            return self._rt.port.call(run, timeout=wait, on_orphan=PinnedBuffer.free)
+        except (LoopGone, concurrent.futures.CancelledError):
+            raise PoolClosed("the pool's event loop has stopped") from None
 
     @contextlib.asynccontextmanager
     async def buffer(
@@ -232,25 +245,31 @@ class PinnedPool:
 
     def process_events(self) -> int:
         """Return every block whose events have completed; how many came back."""
+        if self._rt is NOT_OPEN:
+            return 0
+        self._check_loop()
         before = self._counts.returned
-        if self._rt is not NOT_OPEN:
-            self._rt.watcher.poll()
+        self._rt.watcher.poll()
         return self._counts.returned - before
 
     async def synchronize(self, stream: object = None) -> None:
         """Wait, without blocking the loop, for all work queued on ``stream`` so far."""
-        key = self._rt.backend.normalize_stream(stream)
         self._check_loop()
+        key = self._rt.backend.normalize_stream(stream)
         done = anyio.Event()
         self._rt.watcher.after((key,), done.set)
         await done.wait()
 
     # -- the cache ----------------------------------------------------------------------------
     async def empty_cache(self) -> int:
-        """Unpin every idle block (off the loop); returns the bytes unpinned."""
+        """Unpin every idle block (off the loop); returns the bytes unpinned.
+
+        Raises the backend's error if a block could not be unpinned (it stays, idle, counted).
+        """
+        if self._state != _NEW:
+            self._check_loop()
         if self._state != _OPEN:
             return 0
-        self._check_loop()
         self.process_events()
         victims = self._cache.take_idle()
         await self._unpin_idle(victims)
@@ -260,7 +279,6 @@ class PinnedPool:
         """Copy ``count`` bytes from address ``src`` to ``dest`` (the seed's ``copy_data``)."""
         self._rt.backend.copy(*as_copy(dest, src, count))
 
-    # -- what it is ---------------------------------------------------------------------------
     @property
     def backend(self) -> str:
         """The backend's name (``"cuda"``/``"host"``); before opening, what was asked for."""
@@ -287,24 +305,29 @@ class PinnedPool:
 
     def __repr__(self) -> str:
         s, state = self.stats(), ("new", "open", "closing", "closed")[self._state]
-        cap = "" if s.max_bytes is None else f"/{s.max_bytes}"
         return (
-            f"<PinnedPool {s.backend} {state} reserved={s.reserved_bytes}{cap} "
-            f"active={s.active_requests} free_blocks={s.free_blocks} "
-            f"pending_events={s.pending_events} waiters={s.waiters}>"
+            f"<PinnedPool {s.backend} {state} reserved={s.reserved_bytes}/{s.max_bytes} "
+            f"active={s.active_requests} free_blocks={s.free_blocks} waiters={s.waiters}>"
         )
 
-    # -- checks -------------------------------------------------------------------------------
+    def __del__(self) -> None:
+        if self._state == _OPEN and self._rt is not NOT_OPEN:
+            with contextlib.suppress(Exception):  # (at interpreter exit, warnings may be gone)
+                self._rt.abandon(repr(self), self, self._cache.take_idle())
+
     def _check_request(self, nbytes: object) -> int:
         size = nbytes if type(nbytes) is int and nbytes >= 0 else as_size(nbytes)
-        if self._state == _NEW:
-            raise RuntimeError(NOT_OPEN_MESSAGE)
-        if self._state != _OPEN:
-            raise PoolClosed("the pool is closed")
+        self._check_open()
         self._check_loop()
         if size > self._cap:
             raise ValueError(f"{size} bytes is more than the pool's max_bytes ({self._max_bytes})")
         return size
+
+    def _check_open(self) -> None:
+        if self._state == _NEW:
+            raise RuntimeError(NOT_OPEN_MESSAGE)
+        if self._state != _OPEN:
+            raise PoolClosed("the pool is closed")
 
     def _check_loop(self) -> None:
         if get_ident() != self._thread_id or not self._rt.port.is_current():
@@ -327,11 +350,7 @@ class PinnedPool:
         self._counts.num_waits += 1
         if self._spin_s:
             self._rt.watcher.spin(self._spin_s, self._lot.__bool__)
-        start = time.perf_counter()
-        try:
-            return await self._lot.park(size, deadline)
-        finally:
-            self._counts.waited((time.perf_counter() - start) * 1e6)
+        return await self._lot.park(size, deadline)
 
     def _pass_on(self, grant: Block | Plan | None) -> None:
         """What a waiter that left was holding: pass it on (the lot's ``on_abandon``)."""
@@ -343,52 +362,21 @@ class PinnedPool:
             self._undo_plan(grant)
 
     def _serve(self) -> None:
-        """Hand idle blocks, or room to grow, to waiters in FIFO order while the head fits."""
-        lot = self._lot
-        while lot:
-            size = lot.head_size()
-            # (the lot is empty unless the pool is open: closing empties it)
-            grant = self._free.take(size) or self._cache.plan(size)
-            if grant is None:
-                return
-            lot.unpark(grant)
+        """Hand idle blocks, or room to grow, to waiters in FIFO order while the head fits.
+        (The lot is empty unless the pool is open: closing empties it.)"""
+        self._lot.serve(self._find)
+
+    def _find(self, size: int) -> Block | Plan | None:
+        return self._free.take(size) or self._cache.plan(size)
 
     def _undo_plan(self, plan: Plan) -> None:
         """The plan never ran (its waiter left): its victims are idle blocks again."""
-        for block in self._cache.undo(plan):
+        self._return_blocks(self._cache.undo(plan))
+
+    def _return_blocks(self, blocks: list[Block]) -> None:
+        for block in blocks:
             self._return_block(block)
-
-    async def _grow(self, plan: Plan, nbytes: int, deadline: float) -> PinnedBuffer:
-        self._counts.cache_misses += 1
-        cache, retried = self._cache, False
-        while True:
-            try:
-                with anyio.CancelScope(deadline=deadline) as scope:
-                    ptr = await self._rt.pinning.grow(plan, on_orphan=partial(self._adopt, plan))
-            except PinnedMemoryError:
-                cache.settle_failed(plan)
-                if retried or not self._free:
-                    self._serve()
-                    raise
-                # As CuPy does: unpin every idle block and try once more.
-                retried = True
-                plan = cache.plan_after_unpinning_all(plan.size)
-                continue
-            except Exception:  # the backend failed otherwise (a cancelled caller is adopted)
-                cache.settle_failed(plan)
-                self._serve()
-                raise
-            if scope.cancelled_caught:  # the block is adopted by the pool once it is pinned
-                raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
-            return self._hand_out(cache.settle_pinned(plan, ptr), nbytes)
-
-    def _adopt(self, plan: Plan, ptr: int | None, error: BaseException | None) -> None:
-        """Growth whose caller left: keep the block (or give back the reservation)."""
-        if error is None and ptr is not None:
-            self._return_block(self._cache.settle_pinned(plan, ptr))
-        else:
-            self._cache.settle_failed(plan)
-            self._serve()
+        self._serve()
 
     # -- taking blocks back -------------------------------------------------------------------
     def _call_on_loop(self, fn: Callable[[], object]) -> bool:
@@ -403,11 +391,16 @@ class PinnedPool:
             self._return_block(block)
             return
         block.state = PENDING
-        watcher = self._rt.watcher
-        watcher.after(block.streams, partial(self._return_block, block))
-        block.streams.clear()
+        rt, back = self._rt, partial(self._return_block, block)
+        try:
+            rt.watcher.after(block.streams, back)
+        except Exception:  # no event could be recorded: wait for the streams themselves
+            rt.pinning.return_after_streams(list(block.streams), back)
+            raise
+        finally:
+            block.streams.clear()
         if self._spin_s and self._lot:
-            watcher.spin(self._spin_s, self._lot.__bool__)
+            rt.watcher.spin(self._spin_s, self._lot.__bool__)
 
     def _return_block(self, block: Block) -> None:
         """An idle block: to the free list (and on to the first waiter); closed, unpinned."""
@@ -422,7 +415,8 @@ class PinnedPool:
             self._serve()
 
     def _orphaned(self, block: Block) -> None:
-        """Closed, or the loop gone (any thread): unpin once the block's streams are done."""
+        """Closed, or the loop gone (any thread, finalizers too): unpin once the block's streams
+        are done, in the reaper thread; at interpreter exit, left to the process's end."""
         if block.state != UNPINNED:
             self._cache.forget(block)
         self._rt.pinning.unpin_after_streams(block)
@@ -431,7 +425,8 @@ class PinnedPool:
         key = self._rt.backend.normalize_stream(stream)
         if block is None:
             return False
-        block.streams.add(key)
+        if get_ident() == self._thread_id or not self._rt.port.post(block.streams.add, key):
+            block.streams.add(key)  # (on the loop, or with the loop gone: no one to race with)
         return True
 
     def _prepare_torch(self) -> None:
@@ -441,9 +436,13 @@ class PinnedPool:
     async def _unpin_idle(self, victims: list[Block]) -> None:
         """Unpin blocks from ``Cache.take_idle`` (still reserved until they are unpinned)."""
         if victims:
-            nbytes = sum(b.size for b in victims)
-            await self._rt.pinning.unpin(victims, then=partial(self._unpinned, nbytes))
+            try:
+                await self._rt.pinning.unpin(victims, then=partial(self._unpinned, victims))
+            except StillPinned as exc:
+                raise exc.error from None
 
-    def _unpinned(self, nbytes: int) -> None:
-        self._cache.reservations.unpinned(nbytes)
-        self._serve()
+    def _unpinned(self, victims: list[Block], still_pinned: list[Block]) -> None:
+        kept = self._cache.unpinned(victims, still_pinned)
+        if self._state == _CLOSED:  # still pinned, counted, and left to the process's end
+            return
+        self._return_blocks(kept)

@@ -79,9 +79,10 @@ class Reservations:
         self.peak = max(self.peak, self.reserved)
         return plan
 
-    def settle(self, plan: Plan, pinned: bool) -> None:
-        """``plan``'s thread ran: its victims are unpinned, and its block pinned or not."""
-        self.reserved += (plan.size if pinned else 0) - plan.freed - plan.charge
+    def settle(self, plan: Plan, pinned: bool, still_pinned: int = 0) -> None:
+        """``plan``'s thread ran: its victims are unpinned (but for ``still_pinned`` bytes of
+        them, whose unpin failed), and its block pinned or not."""
+        self.reserved += (plan.size if pinned else 0) - (plan.freed - still_pinned) - plan.charge
 
     def undo(self, plan: Plan) -> None:
         """``plan`` never ran: its victims are still pinned (the caller caches them again)."""

@@ -6,12 +6,14 @@ A pool holds one :class:`Runtime` from ``open()`` on, never ``None``: before tha
 
 from __future__ import annotations
 
+import warnings
 from typing import NoReturn, cast
 
 import anyio
 
+from ._block import Block
 from ._events import EventWatcher
-from ._loopport import LoopPort
+from ._loopport import LoopPort, start_reaper
 from ._pinning import Pinning
 from ._stats import Counters
 from .backends import Backend, make_backend
@@ -33,7 +35,21 @@ class Runtime:
         """Bind to the running loop and make the backend (off the loop: CUDA starts here)."""
         port = LoopPort()
         backend = await anyio.to_thread.run_sync(make_backend, spec)
+        start_reaper()  # now, so that finalizers never have to start a thread
         return cls(backend, port, counters)
+
+    def abandon(self, description: str, pool: object, idle: list[Block]) -> None:
+        """``pool`` is collected while still open (its finalizer): warn, as asyncio does for an
+        unclosed transport, and unpin its idle blocks in the reaper thread (nothing else can
+        reach them any more; at interpreter exit they are left to the process's end)."""
+        warnings.warn(
+            f"unclosed {description}: use 'async with PinnedPool()' or 'await pool.aclose()'",
+            ResourceWarning,
+            stacklevel=1,
+            source=pool,
+        )
+        for block in idle:
+            self.pinning.unpin_after_streams(block)
 
     def close(self) -> None:
         """Let the watcher's idle threads go, and close the backend."""

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -41,13 +42,17 @@ class ParkingLot(Generic[G]):
     Args:
         on_abandon: called on the loop with what a leaving waiter held: its grant, to pass on,
             or ``None`` if it held nothing (the head may have changed: serve the lot again).
+        on_wait: called with the microseconds each wait took, however it ended.
     """
 
-    __slots__ = ("_on_abandon", "_queue")
+    __slots__ = ("_on_abandon", "_on_wait", "_queue")
 
-    def __init__(self, on_abandon: Callable[[G | None], None]) -> None:
+    def __init__(
+        self, on_abandon: Callable[[G | None], None], on_wait: Callable[[float], None]
+    ) -> None:
         self._queue: deque[_Waiter[G]] = deque()
         self._on_abandon = on_abandon
+        self._on_wait = on_wait
 
     @property
     def queue(self) -> deque[_Waiter[G]]:
@@ -61,9 +66,14 @@ class ParkingLot(Generic[G]):
     def __bool__(self) -> bool:
         return bool(self._queue)
 
-    def head_size(self) -> int:
-        """The size the head waits for (the lot must not be empty)."""
-        return self._queue[0].size
+    def serve(self, find: Callable[[int], G | None]) -> None:
+        """Hand out ``find(head size)`` to the head, in FIFO order, until it finds nothing."""
+        queue = self._queue
+        while queue:
+            grant = find(queue[0].size)
+            if grant is None:
+                return
+            self.unpark(grant)
 
     def unpark(self, grant: G) -> None:
         """Hand ``grant`` to the head and wake it; from then on it owns the grant."""
@@ -89,12 +99,15 @@ class ParkingLot(Generic[G]):
         """
         waiter: _Waiter[G] = _Waiter(size)
         self._queue.append(waiter)
+        start = time.perf_counter()
         try:
             with anyio.CancelScope(deadline=deadline):
                 await waiter.event.wait()
         except BaseException:
             self._on_abandon(self._leave(waiter))
             raise
+        finally:
+            self._on_wait((time.perf_counter() - start) * 1e6)
         if waiter.grant is not None:  # also when the deadline raced the handoff: keep it
             return waiter.grant
         if waiter.error is not None:

@@ -75,6 +75,10 @@ class RecordingBackend(HostBackend):
         self.synchronizing.set()
         super().synchronize(event)
 
+    def synchronize_stream(self, stream: Any) -> None:
+        self.synchronizing.set()
+        super().synchronize_stream(stream)
+
     def free(self, ptr: int, size: int) -> None:
         self.free_threads.append(threading.get_ident())
         super().free(ptr, size)

@@ -10,9 +10,9 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from aiopinned._loopport import LoopPort, run_detached, run_off_loop
+from aiopinned._loopport import LoopGone, LoopPort, run_detached, run_off_loop
 
-from .conftest import until
+from .conftest import settle, until
 
 pytestmark = pytest.mark.anyio
 
@@ -102,10 +102,64 @@ async def test_a_caller_cancelled_after_the_call_finished_still_hands_it_on() ->
     assert returned + [result for result, _ in orphaned] == [7]
 
 
-async def test_run_detached_runs_in_a_thread_nobody_awaits() -> None:
-    ran = threading.Event()
-    run_detached(ran.set, "test-detached")
-    assert await anyio.to_thread.run_sync(ran.wait, 30)
+async def test_run_detached_runs_in_the_reaper_thread_even_from_a_finalizer() -> None:
+    ran: list[str] = []
+    done = threading.Event()
+
+    class Dropped:
+        def __del__(self) -> None:
+            run_detached(lambda: (ran.append(threading.current_thread().name), done.set()))
+
+    Dropped()  # its finalizer hands work over: a queue put, no thread started there
+    assert await anyio.to_thread.run_sync(done.wait, 30)
+    assert ran == ["aiopinned-reaper"]
+
+
+async def test_call_from_a_thread_returns_what_the_loop_computed() -> None:
+    port = LoopPort()
+
+    async def compute() -> int:
+        await anyio.lowlevel.checkpoint()
+        return threading.get_ident()
+
+    def in_thread() -> int:
+        return port.call(compute, timeout=30, on_orphan=_never)
+
+    assert await anyio.to_thread.run_sync(in_thread) == threading.get_ident()
+
+
+async def test_call_keeps_its_timeout_while_the_loop_is_not_running() -> None:
+    """The loop thread is held: the caller still gives up on time, and the call it asked for
+    never runs once the loop does."""
+    port, orphans, gave_up = LoopPort(), [], threading.Event()
+
+    def caller() -> None:
+        try:
+            port.call(lambda: _value(7), timeout=0.01, on_orphan=orphans.append)
+        except TimeoutError:
+            gave_up.set()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    assert gave_up.wait(30)  # the loop thread is held right here, running nothing
+    thread.join()
+    await settle()  # the loop runs again: the call it was asked for was cancelled unstarted
+    assert orphans == []
+
+
+async def test_call_raises_loop_gone_once_the_loop_has_stopped() -> None:
+    ports: list[LoopPort] = []
+
+    async def grab() -> None:
+        ports.append(LoopPort())
+
+    await anyio.to_thread.run_sync(lambda: anyio.run(grab))
+    with pytest.raises(LoopGone):
+        ports[0].call(lambda: _value(1), timeout=1, on_orphan=_never)
+
+
+async def _value(value: int) -> int:
+    return value
 
 
 def _never(result: object, error: BaseException | None) -> None:

@@ -351,7 +351,7 @@ async def test_buffers_out_at_close_are_released_when_freed(recording: Recording
     plain.free()
     await anyio.to_thread.run_sync(recording.freed.acquire)
     used.free()
-    await anyio.to_thread.run_sync(recording.synchronizing.wait)  # waiting on its stream...
+    assert await anyio.to_thread.run_sync(recording.synchronizing.wait, 30)  # waiting on its stream
     assert not recording.freed.acquire(blocking=False)  # ...which still runs: not unpinned
     gate.open()
     await anyio.to_thread.run_sync(recording.freed.acquire)

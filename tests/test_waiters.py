@@ -24,7 +24,8 @@ class Lot:
 
     def __init__(self) -> None:
         self.passed_on: list[str | None] = []
-        self.lot: ParkingLot[str] = ParkingLot(self.passed_on.append)
+        self.waits: list[float] = []
+        self.lot: ParkingLot[str] = ParkingLot(self.passed_on.append, self.waits.append)
         self.got: dict[str, str | BaseException] = {}
         self.scopes: dict[str, anyio.CancelScope] = {}
 
@@ -48,10 +49,24 @@ async def test_grants_go_to_waiters_in_arrival_order() -> None:
     async with anyio.create_task_group() as tg:
         for name, size in (("a", 3), ("b", 1), ("c", 2)):
             await t.park(tg, name, size)
-        assert len(t.lot) == 3 and t.lot.head_size() == 3
+        assert len(t.lot) == 3
         for grant in ("x", "y", "z"):
             t.lot.unpark(grant)
     assert t.got == {"a": "x", "b": "y", "c": "z"} and not t.lot
+    assert len(t.waits) == 3 and all(us >= 0 for us in t.waits)
+
+
+async def test_serve_hands_out_in_order_until_nothing_is_found() -> None:
+    t, stock = Lot(), {1: ["one"], 2: ["two"], 5: []}
+    async with anyio.create_task_group() as tg:
+        for name, size in (("a", 1), ("b", 2), ("c", 5), ("d", 1)):
+            await t.park(tg, name, size)
+        t.lot.serve(lambda size: stock[size].pop() if stock[size] else None)
+        assert len(t.lot) == 2  # "c" found nothing, so "d" behind it is not served either
+        stock[5].append("five")
+        stock[1].append("uno")
+        t.lot.serve(lambda size: stock[size].pop() if stock[size] else None)
+    assert t.got == {"a": "one", "b": "two", "c": "five", "d": "uno"}
 
 
 async def test_a_waiter_owns_its_grant_before_it_runs() -> None:

@@ -12,6 +12,7 @@ Backend method            seed hook                      thread
 ``record(stream)``        ``record_stream``              loop (a few µs)
 ``query(event)``          ``query_event``                loop (≤ 1 µs)
 ``synchronize(event)``    --                             watcher thread (blocking)
+``synchronize_stream(s)`` --                             worker thread (blocking)
 ``release_event(event)``  the event's destructor         loop
 ``normalize_stream(obj)`` --                             any
 ``copy(dst, src, n)``     ``copy_data``                  caller's
@@ -56,6 +57,13 @@ class Backend(Protocol):
 
     def synchronize(self, event: Any) -> None:
         """Block the calling thread until the event completes."""
+        ...
+
+    def synchronize_stream(self, stream: Any) -> None:
+        """Block until everything queued on a normalized stream so far has run.
+
+        The last resort when an event could not be recorded or waited on: it needs no event.
+        """
         ...
 
     def release_event(self, event: Any) -> None:

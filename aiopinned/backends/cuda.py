@@ -186,6 +186,14 @@ class CudaBackend:
     def synchronize(self, event: _Event) -> None:
         _check(rt.cudaEventSynchronize(event.handle), "cudaEventSynchronize")
 
+    def synchronize_stream(self, stream: tuple[int, int]) -> None:
+        device, handle = stream
+        previous = self._enter_device(device)
+        try:
+            _check(rt.cudaStreamSynchronize(handle), f"cudaStreamSynchronize({handle:#x})")
+        finally:
+            self._leave_device(previous)
+
     def release_event(self, event: _Event) -> None:
         with self._lock:
             if not self._closed:

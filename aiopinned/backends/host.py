@@ -150,6 +150,11 @@ class HostBackend:
     def synchronize(self, event: _HostEvent) -> None:
         event.flag.wait()
 
+    def synchronize_stream(self, stream: HostStream) -> None:
+        done = threading.Event()
+        stream.launch(done.set)  # (not HostStream.synchronize: that re-raises the work's errors)
+        done.wait()
+
     def release_event(self, event: _HostEvent) -> None:
         self._events.append(event)
 

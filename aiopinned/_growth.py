@@ -1,0 +1,74 @@
+"""Growth: pinning a new block for one caller, from plan to block, whatever happens meanwhile.
+
+A plan (``Cache.plan``: bytes reserved, idle victims taken out) runs in a thread
+(``Pinning.grow``: unpin the victims, pin the block) and is settled on the loop:
+
+* pinned: the block, registered, for the caller to hand out;
+* refused (``PinnedMemoryError``): retried once after unpinning every idle block, as CuPy does;
+* a victim could not be unpinned: nothing was pinned; the victims still pinned are cached again
+  (and stay counted, so the cap still holds), and the backend's error is raised;
+* the caller left (cancelled, timed out): the thread's outcome is adopted when it ends, so a
+  pinned block goes to the free list and a failure gives its reservation back.
+
+Whatever comes back (blocks, or room) goes to ``give_back``, which returns the blocks and serves
+the waiters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import anyio
+
+from ._block import Block
+from ._cache import Cache
+from ._pinning import Pinning, StillPinned
+from ._reservations import Plan
+from ._stats import Counters
+from .errors import PinnedMemoryError
+
+
+class Growth:
+    __slots__ = ("_cache", "_counts", "_give_back")
+
+    def __init__(
+        self, cache: Cache, counts: Counters, give_back: Callable[[list[Block]], None]
+    ) -> None:
+        self._cache = cache
+        self._counts = counts
+        self._give_back = give_back
+
+    async def grow(self, pinning: Pinning, plan: Plan, deadline: float) -> Block:
+        """Run ``plan``; the block it pinned (registered, not yet handed out)."""
+        self._counts.cache_misses += 1
+        cache, retried = self._cache, False
+        while True:
+            try:
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    ptr = await pinning.grow(plan, on_orphan=partial(self._adopt, plan))
+            except StillPinned as exc:  # a victim could not be unpinned, so nothing was pinned
+                self._give_back(cache.settle_failed(plan, exc.blocks))
+                raise exc.error from None
+            except PinnedMemoryError:
+                cache.settle_failed(plan)
+                if retried or not cache.free:
+                    self._give_back([])
+                    raise
+                retried = True  # as CuPy does: unpin every idle block and try once more
+                plan = cache.plan_after_unpinning_all(plan.size)
+                continue
+            except Exception:  # the backend failed otherwise (a cancelled caller is adopted)
+                self._give_back(cache.settle_failed(plan))
+                raise
+            if scope.cancelled_caught:  # the block is adopted once it is pinned
+                raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
+            return cache.settle_pinned(plan, ptr)
+
+    def _adopt(self, plan: Plan, ptr: int | None, error: BaseException | None) -> None:
+        """Growth whose caller left: keep the block, or give back the reservation."""
+        if error is None and ptr is not None:
+            self._give_back([self._cache.settle_pinned(plan, ptr)])
+            return
+        still = error.blocks if isinstance(error, StillPinned) else None
+        self._give_back(self._cache.settle_failed(plan, still))
