@@ -135,7 +135,7 @@ class LoopPort:
                 pass
             if time.monotonic() >= deadline:
                 error: Exception = TimeoutError(f"no result within {timeout} s")
-            elif not self.post(_nothing):
+            elif not self.alive():
                 error = LoopGone("the event loop has stopped")
             else:
                 continue
@@ -147,6 +147,10 @@ class LoopPort:
 
             future.add_done_callback(adopt)
             raise error
+
+    def alive(self) -> bool:
+        """Whether the loop can still run anything (it may be paused, not stopped)."""
+        return self.post(_nothing)
 
     def post(self, fn: Callable[..., object], *args: object) -> bool:
         """Run ``fn(*args)`` on the loop soon; safe from any thread and from finalizers.

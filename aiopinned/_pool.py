@@ -106,6 +106,7 @@ class PinnedPool:
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
             await rt.watcher.wait_empty()
+            await self._growth.wait_idle()  # what a departed caller's thread pins is adopted
             victims = self._cache.take_idle()
             self._state = _CLOSED
             await self._unpin_idle(victims)
@@ -193,10 +194,12 @@ class PinnedPool:
 
     def allocate_blocking(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """``allocate`` for plain threads (e.g. sync data-loader workers): blocks the caller."""
-        if get_ident() == self._thread_id:
-            raise RuntimeError("allocate_blocking() on the pool's own loop thread would deadlock")
         wait, _ = as_timeout(timeout), as_size(nbytes)
         self._check_open()
+        if not self._rt.port.alive():
+            raise PoolClosed("the pool's event loop has stopped")
+        if get_ident() == self._thread_id:
+            raise RuntimeError("allocate_blocking() on the pool's own loop thread would deadlock")
         run = partial(self.allocate, nbytes, timeout=timeout)
         try:  # the pool's own timeout runs on the loop; this one bounds the wait for the loop
             return self._rt.port.call(run, timeout=wait, on_orphan=PinnedBuffer.free)
@@ -364,10 +367,7 @@ class PinnedPool:
     def _serve(self) -> None:
         """Hand idle blocks, or room to grow, to waiters in FIFO order while the head fits.
         (The lot is empty unless the pool is open: closing empties it.)"""
-        self._lot.serve(self._find)
-
-    def _find(self, size: int) -> Block | Plan | None:
-        return self._free.take(size) or self._cache.plan(size)
+        self._lot.serve(lambda size: self._free.take(size) or self._cache.plan(size))
 
     def _undo_plan(self, plan: Plan) -> None:
         """The plan never ran (its waiter left): its victims are idle blocks again."""
