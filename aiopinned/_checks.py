@@ -47,6 +47,12 @@ def as_timeout(timeout: object) -> float:
     return math.inf if timeout is None else as_seconds(timeout, "timeout")
 
 
+def as_flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, not {type(value).__name__}")
+    return value
+
+
 def as_max_bytes(max_bytes: object) -> int | None:
     """The cap: ``None`` for none, else a byte count ``> 0``."""
     if max_bytes is None:

@@ -28,7 +28,7 @@ import anyio.lowlevel
 T = TypeVar("T")
 log = logging.getLogger("aiopinned")
 
-__all__ = ["LoopGone", "LoopPort", "run_detached", "run_off_loop", "start_reaper"]
+__all__ = ["LoopGone", "LoopPort", "run_detached", "run_off_loop", "start_reaper", "start_thread"]
 
 
 class LoopPort:
@@ -216,7 +216,7 @@ async def run_off_loop(
         elif not port.post(orphan, result, error):
             orphan(result, error)  # the loop is gone: settle it here rather than lose it
 
-    threading.Thread(target=work, name="aiopinned-backend", daemon=True).start()
+    start_thread(work, "aiopinned-backend")
     try:
         await finished.wait()
     except BaseException:
@@ -273,6 +273,11 @@ class _Reaper:
 
 _REAPER = _Reaper()
 start_reaper = _REAPER.start
+
+
+def start_thread(fn: Callable[[], object], name: str) -> None:
+    """Run ``fn()`` in a daemon thread of its own, started now (not from a finalizer)."""
+    threading.Thread(target=fn, name=name, daemon=True).start()
 
 
 def run_detached(fn: Callable[[], object]) -> None:

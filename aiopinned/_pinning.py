@@ -12,18 +12,27 @@ reported back (``StillPinned``) so that the pool keeps counting it instead of pi
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import queue
 import time
 from collections.abc import Callable, Collection, Hashable
+from functools import partial
 from typing import Any
 
+import anyio
+
 from ._block import Block
-from ._loopport import LoopPort, run_detached, run_off_loop
+from ._loopport import LoopPort, run_detached, run_off_loop, start_thread
 from ._reservations import Plan
 from ._stats import Counters
 from .backends import Backend
 
 log = logging.getLogger("aiopinned")
+
+#: blocks up to this size are zeroed on the loop (at most ~100 µs of it); larger ones in the
+#: pool's scrubber thread (handing over and back costs about as much as zeroing 2 MiB)
+SCRUB_INLINE_BYTES = 2 << 20
 
 Orphan = Callable[[Any, BaseException | None], None]
 Unpinned = tuple[list[Block], "Exception | None"]  # still pinned, and the first error
@@ -48,12 +57,56 @@ def log_late(result: object, error: BaseException | None) -> None:
 class Pinning:
     """Pins and unpins blocks through a backend, off the loop."""
 
-    __slots__ = ("_backend", "_counters", "_port")
+    __slots__ = ("_backend", "_counters", "_idle", "_port", "_scrubs", "scrubbing")
 
     def __init__(self, backend: Backend, port: LoopPort, counters: Counters) -> None:
         self._backend = backend
         self._port = port
         self._counters = counters
+        self.scrubbing = 0  # blocks being zeroed in the scrubber thread
+        self._idle: list[anyio.Event] = []
+        self._scrubs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None] | None = None
+
+    def scrub(self, block: Block, then: Callable[[], object]) -> None:
+        """Loop thread: zero ``block`` (so no owner sees the last one's data), then ``then()``.
+        A large block is zeroed in the pool's scrubber thread, and ``then()`` posted back."""
+        if block.size <= SCRUB_INLINE_BYTES:
+            ctypes.memset(block.ptr, 0, block.size)
+            then()
+            return
+        if self._scrubs is None:
+            self._scrubs = queue.SimpleQueue()
+            start_thread(partial(self._scrubber, self._scrubs), "aiopinned-scrub")
+        self.scrubbing += 1
+        self._scrubs.put((block, then))
+
+    def _scrubber(self, jobs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            block, then = job
+            ctypes.memset(block.ptr, 0, block.size)
+            if not self._port.post(self._scrubbed, then):
+                return  # the loop is gone: nobody to give the block to
+
+    def _scrubbed(self, then: Callable[[], object]) -> None:
+        self.scrubbing -= 1
+        then()
+        if not self.scrubbing:
+            idle, self._idle = self._idle, []
+            for event in idle:
+                event.set()
+
+    def close(self) -> None:
+        """Let the scrubber thread go (once the pool has waited for its scrubs)."""
+        if self._scrubs is not None:
+            self._scrubs.put(None)
+            self._scrubs = None
+
+    async def wait_scrubbed(self) -> None:
+        """Wait until no block is being zeroed."""
+        if self.scrubbing:
+            idle = anyio.Event()
+            self._idle.append(idle)
+            await idle.wait()
 
     async def grow(self, plan: Plan, *, on_orphan: Orphan) -> int:
         """Unpin ``plan``'s victims, then pin its block; its address.

@@ -18,10 +18,10 @@ from threading import get_ident
 
 import anyio
 
+from . import _checks as check
 from ._block import ALLOCATED, FREE, PENDING, UNPINNED, Block
 from ._buffer import PinnedBuffer
 from ._cache import Cache
-from ._checks import as_backend, as_copy, as_max_bytes, as_seconds, as_size, as_timeout, pointer_of
 from ._growth import Growth
 from ._loopport import LoopGone
 from ._pinning import StillPinned
@@ -51,19 +51,25 @@ class PinnedPool:
             ``"host"``, or an object implementing :class:`aiopinned.backends.Backend`.
         max_bytes: cap on pinned bytes; ``None`` for no cap.  Under the cap, ``allocate`` waits
             for a block to come back instead of pinning more.
-        spin_s: opt-in.  While callers wait and copies are in flight, the loop also polls the
-            events once per iteration, for up to this many seconds each time waiting starts:
-            faster wake-ups, for a busy loop thread (see the README); ``0``, the default, leaves
-            it to the watcher threads alone.
+        spin_s: opt-in: while callers wait on copies in flight, the loop also polls the events
+            for up to this many seconds (faster wake-ups for a busy loop thread; the README).
+        scrub: zero every block a buffer gives back before anyone else can get it (tenants of
+            a server never see each other's data); large blocks are zeroed off the loop.
     """
 
     def __init__(
-        self, backend: str | Backend = "auto", *, max_bytes: int | None = None, spin_s: float = 0.0
+        self,
+        backend: str | Backend = "auto",
+        *,
+        max_bytes: int | None = None,
+        spin_s: float = 0.0,
+        scrub: bool = False,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
-        self._spec = as_backend(backend)
-        self._max_bytes = as_max_bytes(max_bytes)
-        self._spin_s = as_seconds(spin_s, "spin_s")
+        self._spec = check.as_backend(backend)
+        self._max_bytes = check.as_max_bytes(max_bytes)
+        self._spin_s = check.as_seconds(spin_s, "spin_s")
+        self._scrub = check.as_flag(scrub, "scrub")
         self._cap = _NO_CAP if self._max_bytes is None else self._max_bytes
         self._rt: Runtime = NOT_OPEN
         self._thread_id = -1  # the loop thread, once open
@@ -107,6 +113,7 @@ class PinnedPool:
         try:
             await rt.watcher.wait_empty()
             await self._growth.wait_idle()  # what a departed caller's thread pins is adopted
+            await rt.pinning.wait_scrubbed()
             victims = self._cache.take_idle()
             self._state = _CLOSED
             await self._unpin_idle(victims)
@@ -152,7 +159,7 @@ class PinnedPool:
 
     async def _allocate_checked(self, nbytes: object, timeout: object) -> PinnedBuffer:
         size = self._check_request(nbytes)
-        deadline = anyio.current_time() + as_timeout(timeout)
+        deadline = anyio.current_time() + check.as_timeout(timeout)
         if size == 0:
             return PinnedBuffer(self, None, 0)
         grant: Block | Plan | None = None
@@ -168,12 +175,8 @@ class PinnedPool:
         return buf
 
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
-        """A cached block at once, or :class:`WouldBlock`.
-
-        Raises ``WouldBlock`` wherever ``allocate`` would wait (callers are queued, or no block
-        fits), and also where it would have to pin new memory: pinning blocks the calling
-        thread for up to seconds, which a non-blocking call must not do.
-        """
+        """A cached block at once, or :class:`WouldBlock` wherever ``allocate`` would wait, and
+        also where it would pin (which blocks for up to seconds: no call here may)."""
         if (
             type(nbytes) is int
             and 0 < nbytes <= self._cap
@@ -194,7 +197,7 @@ class PinnedPool:
 
     def allocate_blocking(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """``allocate`` for plain threads (e.g. sync data-loader workers): blocks the caller."""
-        wait, _ = as_timeout(timeout), as_size(nbytes)
+        wait, _ = check.as_timeout(timeout), check.as_size(nbytes)
         self._check_open()
         if not self._rt.port.alive():
             raise PoolClosed("the pool's event loop has stopped")
@@ -219,11 +222,8 @@ class PinnedPool:
                 buf.free()
 
     def free(self, buf: PinnedBuffer) -> None:
-        """Give a buffer back.  Synchronous, never blocks, safe from any thread.
-
-        With no stream recorded, the block is idle again at once; with streams, one event is
-        recorded per stream and the block comes back when all of them have completed.  While a
-        view of the buffer is still referenced, the return waits for the last view to go.
+        """Give a buffer back: synchronous, never blocks, safe from any thread.  The block is
+        idle again once the streams recorded on it have passed their events and no view is left.
 
         Raises:
             InvalidBufferError: freed twice, or not from this pool.
@@ -244,7 +244,7 @@ class PinnedPool:
         """
         if isinstance(obj, PinnedBuffer):
             return obj.record_stream(stream) if obj.pool is self else self._record(None, stream)
-        return self._record(self._cache.find_live(pointer_of(obj)), stream)
+        return self._record(self._cache.find_live(check.pointer_of(obj)), stream)
 
     def process_events(self) -> int:
         """Return every block whose events have completed; how many came back."""
@@ -280,7 +280,7 @@ class PinnedPool:
 
     def copy_data(self, dest: int, src: int, count: int) -> None:
         """Copy ``count`` bytes from address ``src`` to ``dest`` (the seed's ``copy_data``)."""
-        self._rt.backend.copy(*as_copy(dest, src, count))
+        self._rt.backend.copy(*check.as_copy(dest, src, count))
 
     @property
     def backend(self) -> str:
@@ -319,7 +319,7 @@ class PinnedPool:
                 self._rt.abandon(repr(self), self, self._cache.take_idle())
 
     def _check_request(self, nbytes: object) -> int:
-        size = nbytes if type(nbytes) is int and nbytes >= 0 else as_size(nbytes)
+        size = nbytes if type(nbytes) is int and nbytes >= 0 else check.as_size(nbytes)
         self._check_open()
         self._check_loop()
         if size > self._cap:
@@ -387,11 +387,13 @@ class PinnedPool:
         counts = self._counts
         counts.active_bytes -= block.size
         counts.active_requests -= 1
-        if not block.streams or self._state == _CLOSED:
-            self._return_block(block)
-            return
-        block.state = PENDING
         rt, back = self._rt, partial(self._return_block, block)
+        if self._scrub and self._state != _CLOSED:
+            back = partial(rt.pinning.scrub, block, back)
+        block.state = PENDING  # (FREE once it is back: after its events, and its scrub)
+        if not block.streams or self._state == _CLOSED:
+            back()
+            return
         try:
             rt.watcher.after(block.streams, back)
         except Exception:  # no event could be recorded: wait for the streams themselves

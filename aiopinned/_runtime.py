@@ -54,6 +54,7 @@ class Runtime:
     def close(self) -> None:
         """Let the watcher's idle threads go, and close the backend."""
         self.watcher.stop()
+        self.pinning.close()
         self.backend.close()
 
 

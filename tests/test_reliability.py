@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import subprocess
 import sys
@@ -479,3 +480,46 @@ def test_a_pool_collected_while_open_warns_and_unpins_its_idle_blocks() -> None:
             break
         deadline.wait(0.01)
     assert backend.pinned_bytes() == 0
+
+
+# -- scrub on reuse -------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [3000, 4 << 20], ids=["inline", "off-the-loop"])
+async def test_scrub_zeroes_a_block_before_its_next_owner_gets_it(size: int) -> None:
+    async with PinnedPool("host", max_bytes=4 << 20, scrub=True) as pool:
+        first = await pool.allocate(size)
+        ptr, capacity = first.ptr, first.capacity
+        first.numpy()[:] = 0xAB  # one tenant's data...
+        first.free()
+        second = await pool.allocate(size, timeout=30)  # (the cap makes it wait for the block)
+        assert second.ptr == ptr
+        assert ctypes.string_at(second.ptr, capacity) == bytes(capacity)  # ...never the next's
+        second.free()
+
+
+async def test_scrub_waits_for_the_streams_then_zeroes(recording: RecordingBackend) -> None:
+    async with PinnedPool("host", scrub=True) as pool:
+        stream, gate = HostStream(), Gate()
+        stream.launch(gate)
+        buf = await pool.allocate(4 << 20)
+        ctypes.memset(buf.ptr, 7, buf.capacity)
+        buf.record_stream(stream)
+        buf.free()
+        await settle()
+        assert ctypes.string_at(buf.ptr, 16) == b"\x07" * 16  # the copy may still read it
+        gate.open()
+        await until(lambda: pool.stats().free_blocks == 1)
+        assert ctypes.string_at(buf.ptr, buf.capacity) == bytes(buf.capacity)
+
+
+async def test_without_scrub_a_reused_block_keeps_its_bytes() -> None:
+    """What scrub is for: the seed's allocator hands the last owner's bytes to the next."""
+    async with PinnedPool("host") as pool:
+        first = await pool.allocate(4096)
+        ctypes.memset(first.ptr, 0xAB, 4096)
+        first.free()
+        assert ctypes.string_at((await pool.allocate(4096)).ptr, 4) == b"\xab" * 4
+
+
+def test_scrub_must_be_a_bool() -> None:
+    with pytest.raises(TypeError):
+        PinnedPool("host", scrub=1)  # type: ignore[arg-type]
