@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
+import time
 
 import pytest
 
@@ -249,3 +251,72 @@ async def test_events_are_recorded_on_each_streams_own_device() -> None:
         await pool.synchronize(None)
         await until(lambda: pool.stats().pending_events == 0)
         assert pool.stats().free_blocks >= 1 and pool.stats().active_requests == 0
+
+
+SOAK_CYCLES = int(os.environ.get("AIOPINNED_SOAK_CYCLES", "5000"))
+
+
+async def test_soak_reuse_cycles_never_corrupt_a_copy() -> None:
+    """Fill, copy to the device on one of several streams, free with record_stream, check on
+    the device: over and over under a tight cap, with some copies held back by kernels so that
+    blocks are still being read when others want them.  ``AIOPINNED_SOAK_CYCLES`` sets the
+    length (10^5 for the soak proper)."""
+    cycles_per_ms = _cycles_per_ms()
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    bad = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in streams]  # one per stream
+    sizes = [4096, 65536, 1 << 20, 3 << 20]
+    rng = random.Random(5)
+    t0 = time.perf_counter()
+    async with PinnedPool("cuda", max_bytes=16 << 20) as pool:
+        for i in range(SOAK_CYCLES):
+            k = rng.randrange(len(streams))
+            buf = await pool.allocate(rng.choice(sizes), timeout=60)
+            host = buf.torch()
+            host.fill_(i % 251)
+            with torch.cuda.stream(streams[k]):
+                if i % 97 == 0:
+                    torch.cuda._sleep(int(0.2 * cycles_per_ms))  # the copy waits 0.2 ms
+                dev = host.to("cuda", non_blocking=True)
+                bad[k] += (dev != i % 251).sum()
+            del host
+            buf.record_stream(streams[k])
+            buf.free()
+            if i % 16 == 0:
+                await asyncio.sleep(0)
+        torch.cuda.synchronize()
+        corrupt = sum(int(b) for b in bad)
+        s = pool.stats()
+        print(
+            f"\nsoak: {SOAK_CYCLES} cycles in {time.perf_counter() - t0:.1f} s, {corrupt} corrupt "
+            f"copies, {s.num_host_alloc} blocks pinned, {s.cache_hits} cache hits, "
+            f"{s.num_waits} waits, peak reserved {s.peak_reserved_bytes >> 20} MiB of 16"
+        )
+        assert corrupt == 0 and s.peak_reserved_bytes <= 16 << 20
+
+
+async def test_blocks_keep_coming_back_while_one_stream_is_stuck_behind_a_long_kernel() -> None:
+    cycles_per_ms = _cycles_per_ms()
+    stuck, busy = torch.cuda.Stream(), torch.cuda.Stream()
+    async with PinnedPool("cuda", max_bytes=8 << 20) as pool:
+        held = await pool.allocate(4 << 20)
+        with torch.cuda.stream(stuck):
+            torch.cuda._sleep(int(3000 * cycles_per_ms))  # 3 s
+            dev_held = held.torch().to("cuda", non_blocking=True)
+        held.record_stream(stuck)
+        held.free()
+        ptrs, t0 = set(), time.perf_counter()
+        for i in range(300):  # all through the other half of the cap, while the kernel runs
+            buf = await pool.allocate(4 << 20, timeout=10)  # (the held block would fit too)
+            ptrs.add(buf.ptr)
+            buf.torch().fill_(i % 251)
+            with torch.cuda.stream(busy):
+                buf.torch().to("cuda", non_blocking=True)
+            buf.record_stream(busy)
+            buf.free()
+        elapsed = time.perf_counter() - t0
+        assert not stuck.query() and elapsed < 3  # the kernel still runs...
+        assert held.ptr not in ptrs and pool.stats().pending_events >= 1  # ...and holds its block
+        await pool.synchronize(stuck)
+        assert dev_held.numel() == 4 << 20
+        await until(lambda: pool.stats().pending_events == 0)
+        print(f"\nstuck stream: 300 cycles on another stream in {elapsed * 1e3:.0f} ms")
