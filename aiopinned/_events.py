@@ -41,9 +41,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
-import anyio
-
 from ._loopport import LoopPort
+from ._waiters import InFlight
 from .backends.base import Backend
 
 log = logging.getLogger("aiopinned")
@@ -110,10 +109,9 @@ class EventWatcher:
 
     __slots__ = (
         "_backend",
-        "_count",
-        "_empty",
         "_helpers",
         "_lock",
+        "_pending",
         "_port",
         "_spin_until",
         "_streams",
@@ -129,12 +127,11 @@ class EventWatcher:
         self._streams: dict[Hashable, deque[_Pending]] = {}
         self._helpers: dict[Hashable, _Helper] = {}
         self._lock = threading.Lock()  # guards helper start/exit only
-        self._count = 0
-        self._empty: list[anyio.Event] = []  # set when nothing is pending
+        self._pending = InFlight()  # events recorded and not yet seen to complete
 
     def __len__(self) -> int:
         """Events recorded and not yet seen to complete."""
-        return self._count
+        return self._pending.count
 
     def add(self, key: Hashable, event: Any, on_done: Callable[[], object]) -> None:
         """Watch ``event``, recorded on stream ``key``; ``on_done()`` runs on the loop after it."""
@@ -143,7 +140,7 @@ class EventWatcher:
         if fifo is None:
             fifo = self._streams[key] = deque()
         fifo.append(item)
-        self._count += 1
+        self._pending.started()
         with self._lock:
             helper = self._helpers.get(key)
             if helper is None or not helper.alive:
@@ -173,10 +170,7 @@ class EventWatcher:
 
     async def wait_empty(self) -> None:
         """Wait until every event has been seen to complete (or given up on)."""
-        if self._count:
-            empty = anyio.Event()
-            self._empty.append(empty)
-            await empty.wait()
+        await self._pending.wait_idle()
 
     def poll(self) -> int:
         """Complete every event that has finished, on every stream; return how many."""
@@ -191,12 +185,12 @@ class EventWatcher:
     def spin(self, seconds: float, keep_going: Callable[[], bool]) -> None:
         """Poll once per loop iteration, for up to ``seconds``, while events are pending and
         ``keep_going()`` holds.  Loop thread only; a no-op while already spinning."""
-        if seconds and self._spin_until < 0 and self._count:
+        if seconds and self._spin_until < 0 and self._pending.count:
             self._spin_until = time.monotonic() + seconds
             self._port.call_soon(self._spin_step, keep_going)
 
     def _spin_step(self, keep_going: Callable[[], bool]) -> None:
-        if not (self._count and keep_going() and time.monotonic() <= self._spin_until):
+        if not (self._pending.count and keep_going() and time.monotonic() <= self._spin_until):
             self._spin_until = -1.0
             return
         self.poll()
@@ -219,7 +213,7 @@ class EventWatcher:
         done = 0
         while fifo and (fifo[0].synced or self._query(key, fifo[0].event)):
             item = fifo.popleft()
-            self._count -= 1
+            self._pending.finished()
             done += 1
             try:
                 item.on_done()
@@ -227,10 +221,6 @@ class EventWatcher:
                 self._unref(item)
         if fifo is not None and not fifo:
             del self._streams[key]
-        if not self._count and self._empty:
-            empty, self._empty = self._empty, []
-            for event in empty:
-                event.set()
         return done
 
     def _query(self, key: Hashable, event: Any) -> bool:

@@ -26,11 +26,12 @@ from ._cache import Cache
 from ._pinning import Pinning, StillPinned
 from ._reservations import Plan
 from ._stats import Counters
+from ._waiters import InFlight
 from .errors import PinnedMemoryError
 
 
 class Growth:
-    __slots__ = ("_cache", "_counts", "_give_back", "_idle", "in_flight")
+    __slots__ = ("_cache", "_counts", "_give_back", "pinning")
 
     def __init__(
         self, cache: Cache, counts: Counters, give_back: Callable[[list[Block]], None]
@@ -38,39 +39,24 @@ class Growth:
         self._cache = cache
         self._counts = counts
         self._give_back = give_back
-        #: pinning threads running (their outcome not yet settled)
-        self.in_flight = 0
-        self._idle: list[anyio.Event] = []
-
-    async def wait_idle(self) -> None:
-        """Wait until no pinning thread is running (a closing pool unpins what they pin)."""
-        if self.in_flight:
-            idle = anyio.Event()
-            self._idle.append(idle)
-            await idle.wait()
-
-    def _settled(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            idle, self._idle = self._idle, []
-            for event in idle:
-                event.set()
+        #: pinning threads running, their outcome not yet settled (a closing pool waits)
+        self.pinning = InFlight()
 
     async def grow(self, pinning: Pinning, plan: Plan, deadline: float) -> Block:
         """Run ``plan``; the block it pinned (registered, not yet handed out)."""
         self._counts.cache_misses += 1
         cache, retried = self._cache, False
         while True:
-            self.in_flight += 1  # settled here, or by _adopt if the caller leaves first
+            self.pinning.started()  # finished here, or by _adopt if the caller leaves first
             try:
                 with anyio.CancelScope(deadline=deadline) as scope:
                     ptr = await pinning.grow(plan, on_orphan=partial(self._adopt, plan))
             except StillPinned as exc:  # a victim could not be unpinned, so nothing was pinned
-                self._settled()
+                self.pinning.finished()
                 self._give_back(cache.settle_failed(plan, exc.blocks))
                 raise exc.error from None
             except PinnedMemoryError:
-                self._settled()
+                self.pinning.finished()
                 cache.settle_failed(plan)
                 if retried or not cache.free:
                     self._give_back([])
@@ -79,17 +65,17 @@ class Growth:
                 plan = cache.plan_after_unpinning_all(plan.size)
                 continue
             except Exception:  # the backend failed otherwise (a cancelled caller is adopted)
-                self._settled()
+                self.pinning.finished()
                 self._give_back(cache.settle_failed(plan))
                 raise
             if scope.cancelled_caught:  # the block is adopted once it is pinned
                 raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
-            self._settled()
+            self.pinning.finished()
             return cache.settle_pinned(plan, ptr)
 
     def _adopt(self, plan: Plan, ptr: int | None, error: BaseException | None) -> None:
         """Growth whose caller left: keep the block, or give back the reservation."""
-        self._settled()
+        self.pinning.finished()
         if error is None and ptr is not None:
             self._give_back([self._cache.settle_pinned(plan, ptr)])
             return

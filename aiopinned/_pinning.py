@@ -20,12 +20,11 @@ from collections.abc import Callable, Collection, Hashable
 from functools import partial
 from typing import Any
 
-import anyio
-
 from ._block import Block
 from ._loopport import LoopPort, run_detached, run_off_loop, start_thread
 from ._reservations import Plan
 from ._stats import Counters
+from ._waiters import InFlight
 from .backends import Backend
 
 log = logging.getLogger("aiopinned")
@@ -57,14 +56,13 @@ def log_late(result: object, error: BaseException | None) -> None:
 class Pinning:
     """Pins and unpins blocks through a backend, off the loop."""
 
-    __slots__ = ("_backend", "_counters", "_idle", "_port", "_scrubs", "scrubbing")
+    __slots__ = ("_backend", "_counters", "_port", "_scrubs", "scrubbing")
 
     def __init__(self, backend: Backend, port: LoopPort, counters: Counters) -> None:
         self._backend = backend
         self._port = port
         self._counters = counters
-        self.scrubbing = 0  # blocks being zeroed in the scrubber thread
-        self._idle: list[anyio.Event] = []
+        self.scrubbing = InFlight()  # blocks being zeroed in the scrubber thread
         self._scrubs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None] | None = None
 
     def scrub(self, block: Block, then: Callable[[], object]) -> None:
@@ -77,7 +75,7 @@ class Pinning:
         if self._scrubs is None:
             self._scrubs = queue.SimpleQueue()
             start_thread(partial(self._scrubber, self._scrubs), "aiopinned-scrub")
-        self.scrubbing += 1
+        self.scrubbing.started()
         self._scrubs.put((block, then))
 
     def _scrubber(self, jobs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None]) -> None:
@@ -88,25 +86,14 @@ class Pinning:
                 return  # the loop is gone: nobody to give the block to
 
     def _scrubbed(self, then: Callable[[], object]) -> None:
-        self.scrubbing -= 1
         then()
-        if not self.scrubbing:
-            idle, self._idle = self._idle, []
-            for event in idle:
-                event.set()
+        self.scrubbing.finished()
 
     def close(self) -> None:
         """Let the scrubber thread go (once the pool has waited for its scrubs)."""
         if self._scrubs is not None:
             self._scrubs.put(None)
             self._scrubs = None
-
-    async def wait_scrubbed(self) -> None:
-        """Wait until no block is being zeroed."""
-        if self.scrubbing:
-            idle = anyio.Event()
-            self._idle.append(idle)
-            await idle.wait()
 
     async def grow(self, plan: Plan, *, on_orphan: Orphan) -> int:
         """Unpin ``plan``'s victims, then pin its block; its address.

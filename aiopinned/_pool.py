@@ -112,8 +112,8 @@ class PinnedPool:
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
             await rt.watcher.wait_empty()
-            await self._growth.wait_idle()  # what a departed caller's thread pins is adopted
-            await rt.pinning.wait_scrubbed()
+            await self._growth.pinning.wait_idle()  # (what a departed caller pins is adopted)
+            await rt.pinning.scrubbing.wait_idle()
             victims = self._cache.take_idle()
             self._state = _CLOSED
             await self._unpin_idle(victims)

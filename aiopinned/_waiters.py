@@ -26,6 +26,32 @@ import anyio
 G = TypeVar("G")
 
 
+class InFlight:
+    """A count of work in flight, and a way to wait for it to reach zero (loop thread only)."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: list[anyio.Event] = []
+
+    def started(self) -> None:
+        self.count += 1
+
+    def finished(self) -> None:
+        self.count -= 1
+        if not self.count and self._idle:
+            idle, self._idle = self._idle, []
+            for event in idle:
+                event.set()
+
+    async def wait_idle(self) -> None:
+        if self.count:
+            idle = anyio.Event()
+            self._idle.append(idle)
+            await idle.wait()
+
+
 class _Waiter(Generic[G]):
     __slots__ = ("error", "event", "grant", "size")
 

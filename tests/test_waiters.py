@@ -12,7 +12,7 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from aiopinned._waiters import ParkingLot
+from aiopinned._waiters import InFlight, ParkingLot
 
 from .conftest import spin_until_past
 
@@ -134,3 +134,23 @@ async def test_close_wakes_every_waiter_with_its_own_copy_of_the_error() -> None
     assert all(isinstance(e, LookupError) and str(e) == "closed" for e in errors)
     assert errors[0] is not errors[1] and t.passed_on == [] and not t.lot
     assert "waiters=0" in repr(t.lot)
+
+
+async def test_in_flight_work_is_awaited_until_none_is_left() -> None:
+    work, woken = InFlight(), []
+    await work.wait_idle()  # nothing in flight: at once
+    work.started()
+    work.started()
+    async with anyio.create_task_group() as tg:
+
+        async def waiter() -> None:
+            await work.wait_idle()
+            woken.append(work.count)
+
+        tg.start_soon(waiter)
+        await wait_all_tasks_blocked()
+        work.finished()
+        await wait_all_tasks_blocked()
+        assert woken == []
+        work.finished()
+    assert woken == [0]
