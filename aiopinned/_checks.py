@@ -11,6 +11,7 @@ import numbers
 import operator
 
 from .backends import Backend
+from .backends._memory import PINNING_MODES
 
 BACKEND_NAMES = ("auto", "cuda", "host")
 ADDRESS_LIMIT = 1 << 64  # ctypes would take larger addresses modulo 2**64
@@ -51,6 +52,15 @@ def as_flag(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{what} must be True or False, not {type(value).__name__}")
     return value
+
+
+def as_pinning(pinning: object, threads: object) -> tuple[str, int | None]:
+    """How new blocks are pinned (``auto``, ``register``, ``alloc``), and by how many threads."""
+    if pinning not in PINNING_MODES:
+        raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
+    if threads is not None and as_size(threads, "pin_threads") < 1:
+        raise ValueError("pin_threads must be >= 1 (or None for the default)")
+    return str(pinning), None if threads is None else as_size(threads, "pin_threads")
 
 
 def as_max_bytes(max_bytes: object) -> int | None:

@@ -1,11 +1,7 @@
-"""PinnedPool: the seed's caching host allocator, moved into the event loop.
-
-The pool orchestrates the fast path, the slow path (grow, else wait) and serving waiters; each
-piece of state has an object of its own (``docs/design.md`` has the table).  A block is
-*returned* to the free list (and so to the first waiter), or *unpinned* to the system.  Pool state
-changes on the loop thread only, and no critical section over it awaits.  Invariant:
-``bool(self._lot)`` implies no idle block fits the head and it cannot grow, even by unpinning
-every idle block.
+"""PinnedPool: the seed's caching host allocator, moved into the event loop; it orchestrates the
+fast path, grow-else-wait and serving waiters (``docs/design.md`` has the objects that hold the
+state).  Blocks are *returned* to the free list, or *unpinned*.  Invariant: ``bool(self._lot)``
+implies no idle block fits the head and it cannot grow, even by unpinning every idle block.
 """
 
 from __future__ import annotations
@@ -41,10 +37,9 @@ _NO_CAP = 1 << 80  # larger than any request; keeps the hot path's cap check a p
 class PinnedPool:
     """A caching allocator of pinned host memory, for one event loop.
 
-    Use it as ``async with PinnedPool() as pool:``.  Entering picks and starts the backend (off
-    the loop) and binds the pool to the running loop and thread; leaving stops it and unpins
-    every idle block.  ``free`` may be called from any thread; everything else belongs to the
-    pool's loop.
+    ``async with PinnedPool() as pool:`` starts the backend (off the loop) and binds the pool to
+    the running loop; leaving unpins everything.  ``free``, ``record_stream`` and
+    ``allocate_blocking`` may be called from any thread; everything else belongs to the loop.
 
     Args:
         backend: ``"auto"`` (``cuda`` when a CUDA device is usable, else ``host``), ``"cuda"``,
@@ -55,6 +50,8 @@ class PinnedPool:
             for up to this many seconds (faster wake-ups for a busy loop thread; the README).
         scrub: zero every block a buffer gives back before anyone else can get it (tenants of
             a server never see each other's data); large blocks are zeroed off the loop.
+        pinning: ``"auto"`` (register mapped memory, else ``cudaHostAlloc``), ``"register"`` or
+            ``"alloc"`` (the seed's); ``pin_threads`` touch a new block's pages in parallel.
     """
 
     def __init__(
@@ -64,9 +61,12 @@ class PinnedPool:
         max_bytes: int | None = None,
         spin_s: float = 0.0,
         scrub: bool = False,
+        pinning: str = "auto",
+        pin_threads: int | None = None,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
         self._spec = check.as_backend(backend)
+        self._pinning = check.as_pinning(pinning, pin_threads)
         self._max_bytes = check.as_max_bytes(max_bytes)
         self._spin_s = check.as_seconds(spin_s, "spin_s")
         self._scrub = check.as_flag(scrub, "scrub")
@@ -87,7 +87,7 @@ class PinnedPool:
             raise RuntimeError("this PinnedPool was already opened; a pool opens once")
         self._state = _OPEN
         try:
-            rt = await Runtime.start(self._spec, self._counts)
+            rt = await Runtime.start(self._spec, self._pinning, self._counts)
         except BaseException:
             self._state = _CLOSED
             raise

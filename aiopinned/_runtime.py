@@ -31,10 +31,12 @@ class Runtime:
         self.pinning = Pinning(backend, port, counters)
 
     @classmethod
-    async def start(cls, spec: str | Backend, counters: Counters) -> Runtime:
+    async def start(
+        cls, spec: str | Backend, pinning: tuple[str, int | None], counters: Counters
+    ) -> Runtime:
         """Bind to the running loop and make the backend (off the loop: CUDA starts here)."""
         port = LoopPort()
-        backend = await anyio.to_thread.run_sync(make_backend, spec)
+        backend = await anyio.to_thread.run_sync(make_backend, spec, *pinning)
         start_reaper()  # now, so that finalizers never have to start a thread
         return cls(backend, port, counters)
 

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from typing import Any
 
 from aiopinned import PinnedPool
 
@@ -89,14 +90,15 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
     return rows
 
 
-def bandwidth(pool_tensor: object, nbytes: int) -> list[tuple[str, str, str]]:
+def bandwidth(pool_tensor: Any, nbytes: int, to_device: bool) -> list[tuple[str, str, str]]:
     import torch
 
     ref = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     pageable = torch.empty(nbytes, dtype=torch.uint8)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
 
-    def gbps(src: object, reps: int) -> float:
+    def gbps(host: Any, reps: int) -> float:
+        src, dst = (host, dev) if to_device else (dev, host)
         dst.copy_(src, non_blocking=True)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -114,6 +116,42 @@ def bandwidth(pool_tensor: object, nbytes: int) -> list[tuple[str, str, str]]:
         ("torch.empty(pin_memory=True)", f"{theirs:.1f} GB/s", "1.00x"),
         ("pageable torch.empty", f"{slow:.1f} GB/s", f"{slow / theirs:.2f}x of torch pinned"),
     ]
+
+
+async def pin_and_release(nbytes: int, rounds: int = 3) -> list[tuple[str, str, str]]:
+    """Pinning ``nbytes`` fresh, and releasing it, through the pool (each ``pinning`` mode) and
+    through torch's pinned allocator (``cudaHostAlloc``; ``_host_emptyCache`` to release)."""
+    import torch
+
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):  # interleaved
+        for mode in ("register", "alloc"):
+            async with PinnedPool("cuda", pinning=mode) as pool:
+                t0 = time.perf_counter()
+                buf = await pool.allocate(nbytes)
+                t1 = time.perf_counter()
+                buf.free()
+                await pool.empty_cache()
+                t2 = time.perf_counter()
+            times.setdefault(f"pin: aiopinned pinning={mode!r}", []).append(t1 - t0)
+            times.setdefault(f"release: aiopinned pinning={mode!r}", []).append(t2 - t1)
+        torch._C._host_emptyCache()
+        t0 = time.perf_counter()
+        tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        t1 = time.perf_counter()
+        del tensor
+        torch._C._host_emptyCache()
+        t2 = time.perf_counter()
+        times.setdefault("pin: torch.empty(pin_memory=True)", []).append(t1 - t0)
+        times.setdefault("release: torch._host_emptyCache()", []).append(t2 - t1)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    pin_peer, release_peer = med["pin: torch.empty(pin_memory=True)"], med[
+        "release: torch._host_emptyCache()"]  # fmt: skip
+    return [
+        (name, f"{v * 1e3:.1f} ms",
+         f"{v / (pin_peer if name.startswith('pin') else release_peer):.3f}x of torch")
+        for name, v in sorted(med.items())
+    ]  # fmt: skip
 
 
 async def loop_stall(pool: PinnedPool, nbytes: int) -> list[tuple[str, str, str]]:
@@ -165,6 +203,7 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=1 << 20, help="bytes per cache hit")
     parser.add_argument("--copy-mib", type=int, default=512)
     parser.add_argument("--stall-mib", type=int, default=1024)
+    parser.add_argument("--pin-mib", type=int, default=1024)
     args = parser.parse_args()
     async with PinnedPool(args.backend) as pool:
         print(f"backend: {pool.backend}")
@@ -174,11 +213,12 @@ async def main() -> None:
         )
         if pool.backend == "cuda":
             buf = await pool.allocate(args.copy_mib << 20)
-            _table(
-                f"host->device copy, {args.copy_mib} MiB",
-                bandwidth(buf.torch(), args.copy_mib << 20),
-            )
+            for to_device, name in ((True, "host->device"), (False, "device->host")):
+                rows = bandwidth(buf.torch(), args.copy_mib << 20, to_device)
+                _table(f"{name} copy, {args.copy_mib} MiB", rows)
             buf.free()
+            rows = await pin_and_release(args.pin_mib << 20)
+            _table(f"pinning and releasing {args.pin_mib} MiB (median of 3, interleaved)", rows)
         await pool.empty_cache()
         _table(
             f"largest loop stall while pinning {args.stall_mib} MiB (1 ms ticker)",

@@ -52,7 +52,7 @@ class FaultBackend(HostBackend):
 
     def pinned_bytes(self) -> int:
         with self._maps_lock:
-            return sum(len(m) for m in self._maps.values())
+            return sum(m.size for m in self._maps.values())
 
     def alloc(self, size: int) -> int:
         self._call("alloc")

@@ -127,3 +127,84 @@ def test_host_stream_drops_its_work_once_run() -> None:
             break
         ran.wait(0.001)
     assert ref() is None
+
+
+# -- mapping and pinning --------------------------------------------------------------------------
+def test_mapped_memory_is_touched_over_threads_in_huge_page_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ctypes
+
+    from aiopinned.backends import _memory
+
+    monkeypatch.setattr(_memory, "PARALLEL_TOUCH_BYTES", 0)  # even this small block in threads
+    seen: list[int] = []
+    real = ctypes.memset
+    monkeypatch.setattr(_memory.ctypes, "memset", lambda p, v, n: (seen.append(n), real(p, v, n)))
+    mapped = _memory.Mapped(5 * _memory.HUGE_PAGE + 4096, threads=3)
+    try:
+        assert sum(seen) == mapped.size and len(seen) == 3  # every byte, once, in 3 chunks
+        assert all(n % _memory.HUGE_PAGE == 0 for n in seen[:-1])
+        assert ctypes.string_at(mapped.ptr, 64) == bytes(64)
+    finally:
+        mapped.close()
+
+
+def test_a_mapping_the_system_refuses_is_a_pinned_memory_error() -> None:
+    from aiopinned.backends._memory import Mapped
+
+    with pytest.raises(PinnedMemoryError, match="could not map"):
+        Mapped(1 << 62, threads=1)
+
+
+def test_pinning_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="pinning"):
+        PinnedPool("host", pinning="mlock")
+    with pytest.raises(ValueError, match="pin_threads"):
+        PinnedPool("host", pin_threads=0)
+    with pytest.raises(TypeError):
+        PinnedPool("host", pin_threads=1.5)  # type: ignore[arg-type]
+
+
+class _FakeRuntime:
+    """Just enough of cuda.bindings.runtime for CudaBackend's memory paths, with
+    registration refused."""
+
+    class cudaError_t:
+        cudaSuccess, cudaErrorMemoryAllocation, cudaErrorInsufficientDriver = 0, 2, 35
+
+    cudaHostRegisterPortable = cudaHostAllocPortable = 1
+
+    def __init__(self) -> None:
+        self.allocs: list[int] = []
+
+    def cudaGetErrorString(self, err: int) -> tuple[int, bytes]:
+        return 0, b"out of memory"
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> tuple[int]:
+        return (self.cudaError_t.cudaErrorMemoryAllocation,)
+
+    def cudaHostAlloc(self, size: int, flags: int) -> tuple[int, int]:
+        self.allocs.append(size)
+        return 0, 0x7000_0000 + len(self.allocs) * 0x10000
+
+
+@pytest.mark.parametrize("mode", ["auto", "register"])
+def test_refused_registration_falls_back_once_or_names_its_cause(
+    mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiopinned.backends import cuda
+
+    fake = _FakeRuntime()
+    monkeypatch.setattr(cuda, "rt", fake)
+    backend = object.__new__(cuda.CudaBackend)  # (no device here: only the memory paths)
+    backend.pinning, backend._threads, backend._registered = mode, 1, {}
+    backend._lock = threading.Lock()
+    if mode == "register":
+        with pytest.raises(PinnedMemoryError, match="RLIMIT_MEMLOCK"):
+            backend.alloc(4096)
+        return
+    caplog.set_level("WARNING", logger="aiopinned")
+    assert backend.alloc(4096) and backend.alloc(8192)
+    assert fake.allocs == [4096, 8192] and backend.pinning == "alloc"
+    assert caplog.text.count("pinning by registration failed") == 1

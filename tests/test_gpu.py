@@ -320,3 +320,22 @@ async def test_blocks_keep_coming_back_while_one_stream_is_stuck_behind_a_long_k
         assert dev_held.numel() == 4 << 20
         await until(lambda: pool.stats().pending_events == 0)
         print(f"\nstuck stream: 300 cycles on another stream in {elapsed * 1e3:.0f} ms")
+
+
+@pytest.mark.parametrize("pinning", ["auto", "register", "alloc"])
+async def test_every_pinning_mode_gives_memory_that_is_pinned_and_copies_right(
+    pinning: str,
+) -> None:
+    n = 64 << 20
+    async with PinnedPool("cuda", pinning=pinning) as pool:
+        buf = await pool.allocate(n)
+        host = buf.torch()
+        assert host.is_pinned()
+        host.fill_(7)
+        dev = host.to("cuda", non_blocking=True)
+        back = (await pool.allocate(n)).torch()
+        back.copy_(dev + 1, non_blocking=True)
+        torch.cuda.synchronize()
+        assert int(dev.sum()) == 7 * n and int(back.sum()) == 8 * n
+        assert pool._rt.backend.pinning == pinning  # "auto" registered: it did not fall back
+        del host, back

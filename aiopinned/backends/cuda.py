@@ -1,6 +1,11 @@
 """The CUDA backend: ``cuda.bindings.runtime`` (the cuda-python project's runtime bindings).
 
-* Memory: ``cudaHostAlloc(..., cudaHostAllocPortable)`` / ``cudaFreeHost``, as the seed does.
+* Memory, by ``pinning``: ``"register"`` maps anonymous memory, advises huge pages, touches its
+  pages from several threads and ``cudaHostRegister``s it (``cudaHostUnregister`` + ``munmap`` to
+  release): about 10x faster than ``cudaHostAlloc``, which faults every page in one thread.
+  ``"alloc"`` is the seed's ``cudaHostAlloc(..., Portable)`` / ``cudaFreeHost``.  ``"auto"`` (the
+  default) registers, and where registration fails, falls back to ``cudaHostAlloc`` for good,
+  once, with a log line saying why.
 * Events: ``cudaEventDisableTiming``, created on the device of the stream they are recorded on
   and reused from a per-device free list.
 * Every CUDA return code is checked; failures raise :class:`~aiopinned.CudaError` (or
@@ -14,12 +19,17 @@ cuda.core), ``torch.cuda.Stream`` (``.cuda_stream``), CuPy streams (``.ptr``), o
 
 from __future__ import annotations
 
+import logging
+import resource
 import threading
 from typing import Any
 
 from ..errors import CudaError, PinnedMemoryError
+from ._memory import PINNING_MODES, Mapped, default_threads
 
 __all__ = ["CudaBackend", "cuda_unusable_reason"]
+
+log = logging.getLogger("aiopinned")
 
 try:  # imported here only: the pool never imports CUDA
     from cuda.bindings import runtime as rt
@@ -112,7 +122,12 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self) -> None:
+    def __init__(self, pinning: str = "auto", threads: int | None = None) -> None:
+        if pinning not in PINNING_MODES:
+            raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
+        self.pinning = pinning
+        self._threads = default_threads() if threads is None else threads
+        self._registered: dict[int, Mapped] = {}
         reason = cuda_unusable_reason()
         if reason is not None:
             raise CudaError(f"the cuda backend is not usable: {reason}")
@@ -124,11 +139,46 @@ class CudaBackend:
 
     # -- memory -------------------------------------------------------------------------------
     def alloc(self, size: int) -> int:
+        if self.pinning != "alloc":
+            try:
+                return self._register(size)
+            except PinnedMemoryError as exc:
+                if self.pinning == "register":
+                    raise
+                with self._lock:
+                    first, self.pinning = self.pinning == "auto", "alloc"
+                if first:
+                    log.warning("aiopinned: pinning by registration failed (%s); pinning with "
+                                "cudaHostAlloc from now on", exc)  # fmt: skip
         ptr = _check(rt.cudaHostAlloc(size, rt.cudaHostAllocPortable), f"cudaHostAlloc({size})")
         return int(ptr)
 
+    def _register(self, size: int) -> int:
+        mapped = Mapped(size, self._threads)
+        (err,) = rt.cudaHostRegister(mapped.ptr, size, rt.cudaHostRegisterPortable)
+        if err != rt.cudaError_t.cudaSuccess:
+            mapped.close()
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+            raise PinnedMemoryError(
+                f"cudaHostRegister({size}) failed: {_error_text(err)}; page-locked memory is "
+                f"limited by RLIMIT_MEMLOCK (now {limit}: raise 'ulimit -l'), or pass "
+                "pinning='alloc'"
+            )
+        with self._lock:
+            self._registered[mapped.ptr] = mapped
+        return mapped.ptr
+
     def free(self, ptr: int, size: int) -> None:
-        _check(rt.cudaFreeHost(ptr), f"cudaFreeHost({ptr:#x}, {size} bytes)")
+        with self._lock:
+            mapped = self._registered.get(ptr)
+        if mapped is None:
+            _check(rt.cudaFreeHost(ptr), f"cudaFreeHost({ptr:#x}, {size} bytes)")
+            return
+        _check(rt.cudaHostUnregister(ptr), f"cudaHostUnregister({ptr:#x}, {size} bytes)")
+        with self._lock:
+            del self._registered[ptr]
+        mapped.close()
 
     def copy(self, dst: int, src: int, count: int) -> None:
         _check(

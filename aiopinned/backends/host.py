@@ -8,14 +8,13 @@ event completes once everything launched before it has run.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import queue
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import PinnedMemoryError
+from ._memory import Mapped, default_threads
 
 __all__ = ["HostBackend", "HostStream"]
 
@@ -106,23 +105,18 @@ class HostBackend:
 
     name = "host"
 
-    def __init__(self) -> None:
-        self._maps: dict[int, mmap.mmap] = {}
+    def __init__(self, threads: int | None = None) -> None:
+        self._threads = default_threads() if threads is None else threads
+        self._maps: dict[int, Mapped] = {}
         self._maps_lock = threading.Lock()
         self._events: list[_HostEvent] = []
         self.default_stream = HostStream("aiopinned-default")
 
     def alloc(self, size: int) -> int:
-        try:
-            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        except (OSError, OverflowError, ValueError) as exc:
-            raise PinnedMemoryError(f"could not map {size} bytes of host memory: {exc}") from exc
-        anchor = ctypes.c_char.from_buffer(m)
-        ptr = ctypes.addressof(anchor)
-        del anchor  # release the buffer export, so that close() may unmap later
+        mapped = Mapped(size, self._threads)  # the CUDA backend's path, less the registration
         with self._maps_lock:
-            self._maps[ptr] = m
-        return ptr
+            self._maps[mapped.ptr] = mapped
+        return mapped.ptr
 
     def free(self, ptr: int, size: int) -> None:
         with self._maps_lock:
