@@ -25,8 +25,9 @@ PARALLEL_TOUCH_BYTES = 64 << 20
 
 
 def default_threads() -> int:
-    """Touch threads: torch found 8 best; fewer on a machine with fewer cores."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Touch threads: one per core, up to 16.  On the 16-core H200 host, pinning 1 GiB took
+    182 / 79 / 58 / 47 ms with 1 / 4 / 8 / 16 threads (best of 3 each)."""
+    return max(1, min(16, os.cpu_count() or 1))
 
 
 class Mapped:
