@@ -23,10 +23,11 @@ class Cache:
         self.registry = Registry()
         self.reservations = Reservations(max_bytes)
 
-    def plan(self, size: int) -> Plan | None:
-        """Room to pin a block for ``size`` bytes (victims taken out), or ``None``."""
+    def plan(self, size: int, exact: bool = False) -> Plan | None:
+        """Room to pin a block for ``size`` bytes (victims taken out), or ``None``; ``exact``
+        pins exactly ``size`` (no rounding)."""
         free = self.free
-        plan = self.reservations.plan(size, free.nbytes, free.largest_first())
+        plan = self.reservations.plan(size, free.nbytes, free.largest_first(), exact)
         if plan is not None:
             for block in plan.victims:
                 free.remove(block)

@@ -63,6 +63,19 @@ def as_pinning(pinning: object, threads: object) -> tuple[str, int | None]:
     return str(pinning), None if threads is None else as_size(threads, "pin_threads")
 
 
+def as_reserve(nbytes: object, block_bytes: object, max_bytes: int | None) -> list[int]:
+    """``reserve``'s blocks: ``nbytes`` in blocks of ``block_bytes`` (one block by default)."""
+    total = as_size(nbytes)
+    block = total if block_bytes is None else as_size(block_bytes, "block_bytes")
+    if block_bytes is not None and not block:
+        raise ValueError("block_bytes must be > 0")
+    if not total:
+        return []
+    if max_bytes is not None and total > max_bytes:
+        raise ValueError(f"cannot reserve {total} bytes under max_bytes={max_bytes}")
+    return [block] * (total // block) + ([total % block] if total % block else [])
+
+
 def as_max_bytes(max_bytes: object) -> int | None:
     """The cap: ``None`` for none, else a byte count ``> 0``."""
     if max_bytes is None:

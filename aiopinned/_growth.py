@@ -16,6 +16,7 @@ the waiters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -42,9 +43,9 @@ class Growth:
         #: pinning threads running, their outcome not yet settled (a closing pool waits)
         self.pinning = InFlight()
 
-    async def grow(self, pinning: Pinning, plan: Plan, deadline: float) -> Block:
+    async def grow(self, pinning: Pinning, plan: Plan, deadline: float, miss: int = 1) -> Block:
         """Run ``plan``; the block it pinned (registered, not yet handed out)."""
-        self._counts.cache_misses += 1
+        self._counts.cache_misses += miss
         cache, retried = self._cache, False
         while True:
             self.pinning.started()  # finished here, or by _adopt if the caller leaves first
@@ -72,6 +73,31 @@ class Growth:
                 raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
             self.pinning.finished()
             return cache.settle_pinned(plan, ptr)
+
+    async def reserve(
+        self,
+        pinning: Pinning,
+        sizes: list[int],
+        progress: Callable[[int, int], object] | None,
+    ) -> int:
+        """Pin a block of each of ``sizes`` into the cache, one after another; the bytes pinned.
+
+        Each block joins the free list as soon as it is pinned, so a cancelled reserve keeps
+        what it pinned (and a block in flight is adopted).  Stops early where the cap leaves no
+        room (it unpins no idle block for this).
+        """
+        done, total = 0, sum(sizes)
+        for size in sizes:
+            if self._cache.reservations.room() < size:
+                break
+            plan = self._cache.plan(size, exact=True)
+            assert plan is not None and not plan.victims
+            block = await self.grow(pinning, plan, math.inf, miss=0)
+            self._give_back([block])
+            done += block.size
+            if progress is not None:
+                progress(done, total)
+        return done
 
     def _adopt(self, plan: Plan, ptr: int | None, error: BaseException | None) -> None:
         """Growth whose caller left: keep the block, or give back the reservation."""

@@ -106,7 +106,8 @@ class Pinning:
         """Unpin blocks that are already out of the pool's cache and registry.
 
         ``then(still_pinned)`` runs on the loop once the thread is done, exactly once, whether
-        or not the caller is still there.  The caller then sees the first failure, if any.
+        or not the caller is still there.  The caller then sees the first failure, if any (the
+        backend's own error).
         """
 
         def orphaned(outcome: Unpinned | None, error: BaseException | None) -> None:
@@ -122,7 +123,7 @@ class Pinning:
             raise
         then(still)
         if error is not None:
-            raise StillPinned(still, error)
+            raise error
 
     def unpin_after_streams(self, block: Block) -> None:
         """Any thread, finalizers included: unpin ``block`` once the work queued on its streams

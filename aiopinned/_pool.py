@@ -20,7 +20,6 @@ from ._buffer import PinnedBuffer
 from ._cache import Cache
 from ._growth import Growth
 from ._loopport import LoopGone
-from ._pinning import StillPinned
 from ._reservations import Plan
 from ._runtime import NOT_OPEN, NOT_OPEN_MESSAGE, Runtime
 from ._stats import Counters, PoolStats
@@ -65,8 +64,7 @@ class PinnedPool:
         pin_threads: int | None = None,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
-        self._spec = check.as_backend(backend)
-        self._pinning = check.as_pinning(pinning, pin_threads)
+        self._spec = (check.as_backend(backend), check.as_pinning(pinning, pin_threads))
         self._max_bytes = check.as_max_bytes(max_bytes)
         self._spin_s = check.as_seconds(spin_s, "spin_s")
         self._scrub = check.as_flag(scrub, "scrub")
@@ -80,14 +78,13 @@ class PinnedPool:
         self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
         self._growth = Growth(self._cache, self._counts, self._return_blocks)
 
-    # -- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> PinnedPool:
         """Start the pool on the running loop (``async with`` does this)."""
         if self._state != _NEW:
             raise RuntimeError("this PinnedPool was already opened; a pool opens once")
         self._state = _OPEN
         try:
-            rt = await Runtime.start(self._spec, self._pinning, self._counts)
+            rt = await Runtime.start(*self._spec, self._counts)
         except BaseException:
             self._state = _CLOSED
             raise
@@ -95,14 +92,9 @@ class PinnedPool:
         return self
 
     async def aclose(self) -> None:
-        """Close the pool: wake waiters with :class:`PoolClosed`, unpin idle memory.
-
-        Blocks whose copies are still running are waited for (off the loop) and unpinned;
-        buffers still out are unpinned when they are freed.  Closing always finishes: a close
-        that is cancelled (a stream that never ends) can be retried and goes on where it
-        stopped, and a block that fails to unpin does not stop the others (the error is raised
-        once everything else is done).
-        """
+        """Close: wake waiters with :class:`PoolClosed`, wait for copies, pins and scrubs in
+        flight, unpin idle memory (buffers still out: once freed).  Always finishes: a cancelled
+        close can be retried, and a failing unpin is raised only once all else is done."""
         if self._state == _NEW or self._rt is NOT_OPEN:
             self._state = _CLOSED
         if self._state == _CLOSED:
@@ -174,6 +166,20 @@ class PinnedPool:
             self._serve()
         return buf
 
+    async def reserve(
+        self,
+        nbytes: int,
+        *,
+        block_bytes: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> int:
+        """Pin ``nbytes`` into the cache before traffic comes, in blocks of ``block_bytes``
+        (default one), off the loop, under the cap; ``progress(done, total)`` runs on the loop
+        after each block; a cancel keeps what is pinned.  Returns the bytes pinned."""
+        sizes = check.as_reserve(nbytes, block_bytes, self._max_bytes)
+        self._check_request(0)
+        return await self._growth.reserve(self._rt.pinning, sizes, progress)
+
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
         """A cached block at once, or :class:`WouldBlock` wherever ``allocate`` would wait, and
         also where it would pin (which blocks for up to seconds: no call here may)."""
@@ -234,7 +240,6 @@ class PinnedPool:
             raise InvalidBufferError("this buffer belongs to another pool")
         buf.free()
 
-    # -- streams and events -------------------------------------------------------------------
     def record_stream(self, obj: object, stream: object) -> bool:
         """Mark memory as used by work queued on ``stream`` (the seed's ``record_event``).
 
@@ -263,12 +268,9 @@ class PinnedPool:
         self._rt.watcher.after((key,), done.set)
         await done.wait()
 
-    # -- the cache ----------------------------------------------------------------------------
     async def empty_cache(self) -> int:
-        """Unpin every idle block (off the loop); returns the bytes unpinned.
-
-        Raises the backend's error if a block could not be unpinned (it stays, idle, counted).
-        """
+        """Unpin every idle block (off the loop); the bytes unpinned.  Raises the backend's error
+        if a block could not be unpinned (it stays, idle and counted)."""
         if self._state != _NEW:
             self._check_loop()
         if self._state != _OPEN:
@@ -285,7 +287,7 @@ class PinnedPool:
     @property
     def backend(self) -> str:
         """The backend's name (``"cuda"``/``"host"``); before opening, what was asked for."""
-        spec = self._spec if self._rt is NOT_OPEN else self._rt.backend
+        spec = self._spec[0] if self._rt is NOT_OPEN else self._rt.backend
         return spec if isinstance(spec, str) else spec.name
 
     @property
@@ -340,7 +342,7 @@ class PinnedPool:
                 "from other threads"
             )
 
-    # -- handing out, waiting, growing --------------------------------------------------------
+    # -- handing out, waiting ------------------------------------------------------------------
     def _hand_out(self, block: Block, nbytes: int, hit: int = 0) -> PinnedBuffer:
         block.state = ALLOCATED
         counts = self._counts
@@ -378,7 +380,7 @@ class PinnedPool:
             self._return_block(block)
         self._serve()
 
-    # -- taking blocks back -------------------------------------------------------------------
+    # -- the buffer's owner (BlockOwner), taking blocks back, unpinning ----------------------
     def _call_on_loop(self, fn: Callable[[], object]) -> bool:
         return self._rt.port.post(fn)
 
@@ -434,14 +436,10 @@ class PinnedPool:
     def _prepare_torch(self) -> None:
         self._rt.backend.prepare_torch()
 
-    # -- unpinning ----------------------------------------------------------------------------
     async def _unpin_idle(self, victims: list[Block]) -> None:
         """Unpin blocks from ``Cache.take_idle`` (still reserved until they are unpinned)."""
         if victims:
-            try:
-                await self._rt.pinning.unpin(victims, then=partial(self._unpinned, victims))
-            except StillPinned as exc:
-                raise exc.error from None
+            await self._rt.pinning.unpin(victims, then=partial(self._unpinned, victims))
 
     def _unpinned(self, victims: list[Block], still_pinned: list[Block]) -> None:
         kept = self._cache.unpinned(victims, still_pinned)

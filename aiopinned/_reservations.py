@@ -49,7 +49,13 @@ class Reservations:
         self.reserved = 0
         self.peak = 0
 
-    def plan(self, size: int, idle_bytes: int, idle: Iterable[Block]) -> Plan | None:
+    def room(self) -> int:
+        """Bytes that can still be pinned without unpinning anything."""
+        return (1 << 80) if self.max_bytes is None else self.max_bytes - self.reserved
+
+    def plan(
+        self, size: int, idle_bytes: int, idle: Iterable[Block], exact: bool = False
+    ) -> Plan | None:
         """Room to pin a block for a request of ``size`` bytes, or ``None`` if the cap forbids it.
 
         The block is ``pow2(size)`` (the seed) unless that does not fit under the cap, then
@@ -57,7 +63,7 @@ class Reservations:
         ``idle_bytes`` in all) become victims until there is room; the caller takes them out of
         the cache.
         """
-        want = pow2(size)
+        want = size if exact else pow2(size)
         victims: list[Block] = []
         if self.max_bytes is not None:
             room = self.max_bytes - self.reserved

@@ -339,3 +339,16 @@ async def test_every_pinning_mode_gives_memory_that_is_pinned_and_copies_right(
         assert int(dev.sum()) == 7 * n and int(back.sum()) == 8 * n
         assert pool._rt.backend.pinning == pinning  # "auto" registered: it did not fall back
         del host, back
+
+
+async def test_reserve_pins_ahead_and_the_first_requests_hit_the_cache() -> None:
+    progress: list[int] = []
+    async with PinnedPool("cuda", max_bytes=512 << 20) as pool:
+        t0 = time.perf_counter()
+        got = await pool.reserve(256 << 20, block_bytes=64 << 20,
+                                 progress=lambda done, total: progress.append(done))  # fmt: skip
+        elapsed = time.perf_counter() - t0
+        assert got == 256 << 20 and progress == [k << 20 for k in (64, 128, 192, 256)]
+        buf = await pool.allocate(64 << 20)
+        assert buf.torch().is_pinned() and pool.stats().cache_misses == 0
+        print(f"\nreserve: 256 MiB in 4 blocks in {elapsed * 1e3:.0f} ms")
