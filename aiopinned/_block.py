@@ -17,11 +17,14 @@ def pow2(n: int) -> int:
 
 
 class Block:
-    __slots__ = ("ptr", "size", "state", "streams")
+    __slots__ = ("odd", "ptr", "size", "state", "streams")
 
-    def __init__(self, ptr: int, size: int) -> None:
+    def __init__(self, ptr: int, size: int, odd: bool = False) -> None:
         self.ptr = ptr
         self.size = size
+        #: not a size class (pinned to the exact request at a cap's edge): the free list's
+        #: exact-class lookup cannot find it
+        self.odd = odd
         self.state = FREE
         #: streams that used the block while it was handed out (the seed's ``streams_``)
         self.streams: set[Hashable] = set()

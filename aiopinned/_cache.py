@@ -13,15 +13,17 @@ from ._block import ALLOCATED, FREE, UNPINNED, Block
 from ._freelist import FreeList
 from ._registry import Registry
 from ._reservations import Plan, Reservations
+from ._sizes import Sizes
 
 
 class Cache:
     __slots__ = ("free", "registry", "reservations")
 
-    def __init__(self, max_bytes: int | None) -> None:
-        self.free = FreeList(bounded=max_bytes is not None)
+    def __init__(self, max_bytes: int | None, rounding: str = "fine") -> None:
+        sizes = Sizes(rounding, capped=max_bytes is not None)
+        self.free = FreeList(sizes)
         self.registry = Registry()
-        self.reservations = Reservations(max_bytes)
+        self.reservations = Reservations(max_bytes, sizes.grow)
 
     def plan(self, size: int, exact: bool = False) -> Plan | None:
         """Room to pin a block for ``size`` bytes (victims taken out), or ``None``; ``exact``
@@ -44,7 +46,8 @@ class Cache:
     def settle_pinned(self, plan: Plan, ptr: int) -> Block:
         """``plan``'s thread pinned a block at ``ptr``: it, registered."""
         self.reservations.settle(plan, pinned=True)
-        return self.register(Block(ptr, plan.size))
+        odd = self.free.sizes.size_class(plan.size) != plan.size
+        return self.register(Block(ptr, plan.size, odd))
 
     def settle_failed(self, plan: Plan, still_pinned: list[Block] | None = None) -> list[Block]:
         """``plan``'s thread ran and pinned nothing.  Its victims are unpinned, but for

@@ -10,6 +10,7 @@ import math
 import numbers
 import operator
 
+from ._sizes import ROUNDINGS
 from .backends import Backend
 from .backends._memory import PINNING_MODES
 
@@ -74,6 +75,12 @@ def as_reserve(nbytes: object, block_bytes: object, max_bytes: int | None) -> li
     if max_bytes is not None and total > max_bytes:
         raise ValueError(f"cannot reserve {total} bytes under max_bytes={max_bytes}")
     return [block] * (total // block) + ([total % block] if total % block else [])
+
+
+def as_rounding(rounding: object) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, not {rounding!r}")
+    return str(rounding)
 
 
 def as_max_bytes(max_bytes: object) -> int | None:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
 
+from ._sizes import Sizes
+
 if TYPE_CHECKING:
     from ._block import Block
 
@@ -19,26 +21,26 @@ class FreeList:
     size the lowest address.  Blocks are grouped by size: ``_sizes`` (a ``SortedList``) holds the
     sizes that have had idle blocks and ``_by_size`` each size's blocks, lowest address last (a
     size whose list runs empty stays, so that a block cycling through the cache costs no sorted
-    insert or remove; the sorted path drops empty sizes it walks past).  Blocks
-    are almost always powers of two (the seed's growth rule), and the smallest power of two that
-    fits ``n`` is then the best fit, so a hit is one dict lookup and one ``list.pop`` before any
-    sorted search.  Blocks of other sizes (pinned to the exact size at a ``max_bytes`` edge) are
-    counted, and while any is idle every lookup takes the sorted path.
+    insert or remove; the sorted path drops empty sizes it walks past).  Blocks almost always
+    have class sizes (``_sizes.Sizes``: what growth pins), and the class of ``n`` is then the
+    best fit, so a hit is two dict lookups and a ``list.pop`` before any sorted search.  Blocks
+    of other sizes (pinned to the exact size at a ``max_bytes`` edge) are counted, and while any
+    is idle every lookup takes the sorted path.
 
-    ``bounded`` (pools with ``max_bytes``) adds one rule: a request of ``n`` bytes takes no block
-    larger than ``pow2(n)``, the block growth would have pinned for it.  Otherwise a small request
-    could sit in a big idle block while the cap keeps the next big request waiting forever (the
-    best-fit trap); a block that is too big is left idle, where growth may release it.
+    ``sizes.limit(n)`` bounds the block a request may take (``None``: any): otherwise a small
+    request could sit in a big idle block while the cap keeps the next big request waiting
+    forever (the best-fit trap); a block that is too big is left idle, where growth may unpin it.
     """
 
-    __slots__ = ("_by_size", "_odd", "_sizes", "bounded", "count", "nbytes")
+    __slots__ = ("_by_size", "_classes", "_odd", "_sizes", "count", "nbytes", "sizes")
 
-    def __init__(self, bounded: bool = False) -> None:
-        self.bounded = bounded
+    def __init__(self, sizes: Sizes) -> None:
+        self.sizes = sizes
+        self._classes = sizes.memo  # size -> its class: the hot path's lookup, no call
         self._sizes = SortedList()
         # size -> blocks of that size, sorted by descending address (pop() is the lowest)
         self._by_size: dict[int, list[Block]] = {}
-        self._odd = 0  # idle blocks whose size is not a power of two
+        self._odd = 0  # idle blocks whose size is not a class size
         #: idle blocks, and the bytes they hold
         self.count = 0
         self.nbytes = 0
@@ -56,21 +58,21 @@ class FreeList:
             same.append(block)
         else:
             insort(same, block, key=_neg_ptr)
-        if size & (size - 1):
+        if block.odd:
             self._odd += 1
         self.count += 1
         self.nbytes += size
 
     def take(self, size: int) -> Block | None:
-        """Remove and return the smallest block that fits ``size``, or ``None``."""
+        """Remove and return the smallest block that fits ``size`` (within the limit), or None."""
         if not self._odd:
-            same = self._by_size.get(1 << (size - 1).bit_length())
+            same = self._by_size.get(self._classes.get(size) or self.sizes.size_class(size))
             if same:
                 return self._pop(same)
-        sizes, by_size = self._sizes, self._by_size
+        sizes, by_size, limit = self._sizes, self._by_size, self.sizes.limit(size)
         i = sizes.bisect_left(size)
         while i < len(sizes):
-            if self.bounded and sizes[i] > 1 << (size - 1).bit_length():
+            if limit is not None and sizes[i] > limit:
                 return None
             same = by_size[sizes[i]]
             if same:
@@ -81,7 +83,7 @@ class FreeList:
     def _pop(self, same: list[Block]) -> Block:
         block = same.pop()
         size = block.size
-        if size & (size - 1):
+        if block.odd:
             self._odd -= 1
         self.count -= 1
         self.nbytes -= size

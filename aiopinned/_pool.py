@@ -51,6 +51,8 @@ class PinnedPool:
             a server never see each other's data); large blocks are zeroed off the loop.
         pinning: ``"auto"`` (register mapped memory, else ``cudaHostAlloc``), ``"register"`` or
             ``"alloc"`` (the seed's); ``pin_threads`` touch a new block's pages in parallel.
+        rounding: ``"fine"`` (four size classes per doubling, little waste) or ``"pow2"`` (the
+            seed's, exactly: powers of two, and best fit with no bound without a cap).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class PinnedPool:
         scrub: bool = False,
         pinning: str = "auto",
         pin_threads: int | None = None,
+        rounding: str = "fine",
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
         self._spec = (check.as_backend(backend), check.as_pinning(pinning, pin_threads))
@@ -71,7 +74,7 @@ class PinnedPool:
         self._cap = _NO_CAP if self._max_bytes is None else self._max_bytes
         self._rt: Runtime = NOT_OPEN
         self._thread_id = -1  # the loop thread, once open
-        self._cache = Cache(self._max_bytes)
+        self._cache = Cache(self._max_bytes, check.as_rounding(rounding))
         self._free = self._cache.free  # the hot path's one attribute lookup
         self._counts = Counters()
         self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on, self._counts.waited)
@@ -367,8 +370,7 @@ class PinnedPool:
             self._undo_plan(grant)
 
     def _serve(self) -> None:
-        """Hand idle blocks, or room to grow, to waiters in FIFO order while the head fits.
-        (The lot is empty unless the pool is open: closing empties it.)"""
+        """Idle blocks, or room to grow, to waiters in FIFO order (the lot is open-only)."""
         self._lot.serve(lambda size: self._free.take(size) or self._cache.plan(size))
 
     def _undo_plan(self, plan: Plan) -> None:

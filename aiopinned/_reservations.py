@@ -15,7 +15,7 @@ Plain integers, no loop and no lock: the pool changes them on its loop thread on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ._block import Block, pow2
 
@@ -41,10 +41,11 @@ class Plan:
 class Reservations:
     """The cap, the bytes reserved under it, and the peak."""
 
-    __slots__ = ("max_bytes", "peak", "reserved")
+    __slots__ = ("grow", "max_bytes", "peak", "reserved")
 
-    def __init__(self, max_bytes: int | None) -> None:
+    def __init__(self, max_bytes: int | None, grow: Callable[[int], int] = pow2) -> None:
         self.max_bytes = max_bytes
+        self.grow = grow  #: the block size growth pins for a request (``Sizes.grow``)
         #: bytes pinned, being pinned, or being unpinned
         self.reserved = 0
         self.peak = 0
@@ -58,12 +59,12 @@ class Reservations:
     ) -> Plan | None:
         """Room to pin a block for a request of ``size`` bytes, or ``None`` if the cap forbids it.
 
-        The block is ``pow2(size)`` (the seed) unless that does not fit under the cap, then
+        The block is ``grow(size)`` (its size class) unless that does not fit under the cap, then
         exactly ``size``.  Where the cap is in the way, idle blocks (``idle``, largest first,
         ``idle_bytes`` in all) become victims until there is room; the caller takes them out of
         the cache.
         """
-        want = size if exact else pow2(size)
+        want = size if exact else self.grow(size)
         victims: list[Block] = []
         if self.max_bytes is not None:
             room = self.max_bytes - self.reserved

@@ -1,4 +1,5 @@
-"""FreeList: the seed's best fit on ``(size, ptr)``, its exact-class fast path, the cap's bound."""
+"""FreeList and the size rules: the seed's best fit on ``(size, ptr)``, the exact-class fast path,
+the bound on how big a block a request may take, and the fine size classes."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import pytest
 
 from aiopinned._block import Block, pow2
 from aiopinned._freelist import FreeList
+from aiopinned._sizes import Sizes, fine
 
 
 def blocks(*sizes: int, base: int = 0x10000) -> list[Block]:
-    return [Block(base + i * 0x100000, size) for i, size in enumerate(sizes)]
+    """Blocks of ``sizes``, marked odd where they are not powers of two (as the cache marks
+    blocks that are not size classes)."""
+    return [Block(base + i * 0x100000, size, pow2(size) != size) for i, size in enumerate(sizes)]
 
 
 def test_take_is_the_smallest_block_that_fits_lowest_address_first() -> None:
-    free = FreeList()
+    free = FreeList(Sizes("pow2", capped=False))
     a, b, c, d = blocks(4096, 1024, 2048, 1024)
     for block in (a, b, c, d):
         free.add(block)
@@ -28,7 +32,7 @@ def test_take_is_the_smallest_block_that_fits_lowest_address_first() -> None:
 
 
 def test_count_and_bytes_follow_adds_and_takes() -> None:
-    free = FreeList()
+    free = FreeList(Sizes("pow2", capped=False))
     for block in blocks(64, 128, 128):
         free.add(block)
     assert (len(free), free.nbytes) == (3, 320)
@@ -37,7 +41,7 @@ def test_count_and_bytes_follow_adds_and_takes() -> None:
 
 
 def test_blocks_of_odd_sizes_are_found_by_the_sorted_search() -> None:
-    free = FreeList()
+    free = FreeList(Sizes("pow2", capped=False))
     odd, pow2_block = blocks(3000, 4096)
     free.add(pow2_block)
     free.add(odd)
@@ -46,7 +50,7 @@ def test_blocks_of_odd_sizes_are_found_by_the_sorted_search() -> None:
 
 
 def test_bounded_takes_no_block_beyond_the_requests_size_class() -> None:
-    free = FreeList(bounded=True)
+    free = FreeList(Sizes("pow2", capped=True))
     (big,) = blocks(1 << 20)
     free.add(big)
     assert free.take(1000) is None  # the cap's rule: it would sit in a 1 MiB block
@@ -54,7 +58,7 @@ def test_bounded_takes_no_block_beyond_the_requests_size_class() -> None:
 
 
 def test_remove_takes_exactly_that_block() -> None:
-    free = FreeList()
+    free = FreeList(Sizes("pow2", capped=False))
     a, b, c = blocks(1024, 1024, 1024)
     for block in (a, b, c):
         free.add(block)
@@ -63,7 +67,7 @@ def test_remove_takes_exactly_that_block() -> None:
 
 
 def test_take_all_empties_and_largest_first_orders_by_size() -> None:
-    free = FreeList()
+    free = FreeList(Sizes("pow2", capped=False))
     for block in blocks(64, 4096, 512, 4096):
         free.add(block)
     assert [b.size for b in free.largest_first()] == [4096, 4096, 512, 64]
@@ -74,13 +78,13 @@ def test_take_all_empties_and_largest_first_orders_by_size() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_random_adds_and_takes_match_a_sorted_model(seed: int) -> None:
     rng = random.Random(seed)
-    free, model = FreeList(), []  # model: (size, ptr) kept sorted
+    free, model = FreeList(Sizes("pow2", capped=False)), []  # model: (size, ptr) kept sorted
     ptr = 0x1000
     for _ in range(2000):
         if rng.random() < 0.5:
             size = rng.choice([pow2(rng.randrange(1, 1 << 16)), rng.randrange(1, 1 << 16)])
             ptr += 1 << 17
-            free.add(Block(ptr, size))
+            free.add(Block(ptr, size, pow2(size) != size))
             model.append((size, ptr))
             model.sort()
         else:
@@ -91,3 +95,30 @@ def test_random_adds_and_takes_match_a_sorted_model(seed: int) -> None:
             if fit is not None:
                 model.remove(fit)
         assert (len(free), free.nbytes) == (len(model), sum(s for s, _ in model))
+
+
+def test_fine_classes_are_four_per_doubling_above_16_kib() -> None:
+    assert [fine(n) for n in (1, 3000, 16 << 10)] == [1, 4096, 16 << 10]
+    kib = 1 << 10
+    assert [fine(n) // kib for n in (16 * kib + 1, 20 * kib, 20 * kib + 1, 31 * kib, 32 * kib)] == [
+        20, 20, 24, 32, 32]  # fmt: skip
+    assert all(n <= fine(n) <= 1.25 * n for n in range(16 * kib, 1 << 22, 4093))
+
+
+def test_fine_takes_no_block_more_than_one_class_above_even_without_a_cap() -> None:
+    free = FreeList(Sizes("fine", capped=False))
+    kib = 1 << 10
+    b40, b48, b56 = blocks(40 * kib, 48 * kib, 56 * kib)
+    for block in (b56, b48, b40):
+        free.add(block)
+    assert free.take(33 * kib) is b40  # its class
+    assert free.take(33 * kib) is b48  # one class above
+    assert free.take(33 * kib) is None  # 56 KiB is two classes above: left for bigger requests
+    assert free.take(50 * kib) is b56
+
+
+def test_pow2_without_a_cap_is_the_seeds_unbounded_best_fit() -> None:
+    free = FreeList(Sizes("pow2", capped=False))
+    (big,) = blocks(1 << 20)
+    free.add(big)
+    assert free.take(1000) is big

@@ -62,7 +62,7 @@ async def test_a_request_larger_than_the_cap_fails_at_once() -> None:
 
 
 async def test_growth_pins_exactly_the_request_where_a_power_of_two_does_not_fit() -> None:
-    async with PinnedPool("host", max_bytes=96 * KB) as pool:
+    async with PinnedPool("host", max_bytes=96 * KB, rounding="pow2") as pool:
         a = await pool.allocate(40 * KB)
         assert a.capacity == 64 * KB  # a power of two while it fits
         a.free()
@@ -431,7 +431,7 @@ async def _storm(pool: PinnedPool, seed: int, tasks: int) -> None:
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_storm_of_mixed_sizes_timeouts_and_cancellations(seed: int) -> None:
     cap = 128 * KB
-    async with PinnedPool("host", max_bytes=cap) as pool:
+    async with PinnedPool("host", max_bytes=cap, rounding="pow2") as pool:
         await _storm(pool, seed, tasks=2000)
         s = pool.stats()
         assert (s.active_bytes, s.active_requests, s.waiters, s.pending_events) == (0, 0, 0, 0)
@@ -502,3 +502,26 @@ def test_spin_s_is_checked() -> None:
         PinnedPool("host", spin_s="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         PinnedPool("host", spin_s=-1)
+
+
+async def test_by_default_blocks_are_fine_classes_and_small_requests_stay_out_of_big_blocks() -> (
+    None
+):
+    async with PinnedPool("host") as pool:  # no cap
+        a = await pool.allocate(40 * KB + 1)
+        assert a.capacity == 48 * KB  # four classes per doubling, not 64 KiB
+        big = await pool.allocate(256 * KB)
+        big.free()
+        small = await pool.allocate(33 * KB)  # would fit the idle 256 KiB block: must not take it
+        assert small.capacity == 40 * KB and pool.stats().free_blocks == 1
+
+
+def test_the_default_wastes_little_on_the_mixed_trace() -> None:
+    """benchmarks/bench_waste.py's trace, shortened: the default rounding's waste and hit rate
+    against the seed's powers of two (the benchmark prints the full trace's)."""
+    from benchmarks import bench_waste
+
+    steps = bench_waste.trace(1, 1500)
+    waste, hits = anyio.run(bench_waste.run, steps, "fine", None)
+    seed_waste, _ = anyio.run(bench_waste.run, steps, "pow2", None)
+    assert waste <= 1.15 and hits >= 0.85 and seed_waste >= 1.5, (waste, hits, seed_waste)

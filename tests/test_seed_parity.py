@@ -39,13 +39,13 @@ async def test_zero_bytes_gives_an_empty_buffer_whose_free_is_a_no_op() -> None:
 
 
 async def test_growth_rounds_up_to_a_power_of_two() -> None:
-    async with PinnedPool("host") as pool:
+    async with PinnedPool("host", rounding="pow2") as pool:
         sizes = {n: (await pool.allocate(n)).capacity for n in (1, 1000, 1024, 1025, 5000)}
         assert sizes == {1: 1, 1000: 1024, 1024: 1024, 1025: 2048, 5000: 8192}
 
 
 async def test_reuse_takes_the_smallest_free_block_that_fits() -> None:
-    async with PinnedPool("host") as pool:
+    async with PinnedPool("host", rounding="pow2") as pool:
         bufs = [await pool.allocate(n) for n in (4000, 1000, 2000)]  # 4096, 1024, 2048
         by_cap = {b.capacity: b.ptr for b in bufs}
         for b in bufs:
