@@ -226,23 +226,31 @@ class PinnedBuffer:
         if self._live:
             self.free()
 
-    def __del__(self) -> None:
-        if self._block is None or not self._live:  # (no exception raised on the hot path)
-            return
+    def _free_in_finalizer(self) -> bool:
+        """Free from a finalizer (posted to the loop: no owner state is touched here); whether
+        this call freed it."""
+        if self._block is None or not self._live:
+            return False
         try:
             self._live.pop()
         except IndexError:
+            return False
+        with contextlib.suppress(Exception):  # (at interpreter shutdown)
+            self._settle_soon()
+        return True
+
+    def __del__(self) -> None:
+        if self._block is None or not self._live:  # (the hot path: freed buffers, no call)
             return
-        with contextlib.suppress(Exception):  # (at interpreter shutdown, warnings may be gone)
-            warnings.warn(
-                f"PinnedBuffer of {self._nbytes} bytes was never freed; free() it, or use "
-                "'async with pool.buffer(n)'",
-                ResourceWarning,
-                stacklevel=1,
-                source=self,
-            )
-        with contextlib.suppress(Exception):
-            self._settle_soon()  # never touch the owner's state from inside a finalizer
+        if self._free_in_finalizer():
+            with contextlib.suppress(Exception):  # (at interpreter shutdown, warnings may be gone)
+                warnings.warn(
+                    f"PinnedBuffer of {self._nbytes} bytes was never freed; free() it, or use "
+                    "'async with pool.buffer(n)'",
+                    ResourceWarning,
+                    stacklevel=1,
+                    source=self,
+                )
 
     def __repr__(self) -> str:
         state = "freed" if not self._live else "live"

@@ -13,7 +13,7 @@ class _CupyMemory:
     """What ``cupy.cuda.PinnedMemoryPointer`` needs: ``ptr`` and ``size``, alive as long as used.
 
     CuPy holds this object for as long as its array lives; when CuPy drops it, the buffer is
-    garbage-collected and so freed (from whatever thread CuPy drops it on).
+    freed (from whatever thread CuPy drops it on).
     """
 
     __slots__ = ("__weakref__", "buffer", "ptr", "size")
@@ -22,6 +22,9 @@ class _CupyMemory:
         self.buffer = buffer
         self.ptr = buffer.ptr
         self.size = buffer.nbytes
+
+    def __del__(self) -> None:
+        self.buffer._free_in_finalizer()  # freed as a finalizer may: posted, never settled here
 
 
 def set_cupy_pinned_allocator(pool: PinnedPool | None) -> None:

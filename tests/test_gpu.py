@@ -7,6 +7,7 @@ import gc
 import os
 import random
 import time
+import warnings
 
 import pytest
 
@@ -169,14 +170,16 @@ async def test_a_stuck_stream_does_not_hold_back_another() -> None:
 async def test_cupy_takes_its_pinned_memory_from_the_pool() -> None:
     cupy = pytest.importorskip("cupy")
     async with PinnedPool("cuda") as pool:
-        (await pool.allocate(4096)).free()  # warm: CuPy's allocator must not pin on the loop
+        (await pool.allocate(1000)).free()  # warm: CuPy's allocator must not pin on the loop
         set_cupy_pinned_allocator(pool)
         try:
             mem = cupy.cuda.alloc_pinned_memory(1000)
             assert pool.stats().active_requests == 1
             assert pool.record_stream(mem.ptr, None)  # CuPy's pointer is the pool's memory
-            del mem
-            gc.collect()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ResourceWarning)  # freed, not merely collected
+                del mem
+                gc.collect()
             await until(lambda: pool.stats().active_requests == 0)
         finally:
             set_cupy_pinned_allocator(None)
