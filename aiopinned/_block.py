@@ -17,7 +17,7 @@ def pow2(n: int) -> int:
 
 
 class Block:
-    __slots__ = ("odd", "ptr", "size", "state", "streams")
+    __slots__ = ("idle_since", "odd", "ptr", "size", "state", "streams")
 
     def __init__(self, ptr: int, size: int, odd: bool = False) -> None:
         self.ptr = ptr
@@ -25,6 +25,8 @@ class Block:
         #: not a size class (pinned to the exact request at a cap's edge): the free list's
         #: exact-class lookup cannot find it
         self.odd = odd
+        #: when it last joined the free list (``time.monotonic()``; set where trimming is on)
+        self.idle_since = 0.0
         self.state = FREE
         #: streams that used the block while it was handed out (the seed's ``streams_``)
         self.streams: set[Hashable] = set()

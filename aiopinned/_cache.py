@@ -17,13 +17,18 @@ from ._sizes import Sizes
 
 
 class Cache:
-    __slots__ = ("free", "registry", "reservations")
+    __slots__ = ("free", "registry", "reservations", "trimmed_bytes")
 
     def __init__(self, max_bytes: int | None, rounding: str = "fine") -> None:
         sizes = Sizes(rounding, capped=max_bytes is not None)
         self.free = FreeList(sizes)
         self.registry = Registry()
         self.reservations = Reservations(max_bytes, sizes.grow)
+        #: idle bytes unpinned by trimming, in all
+        self.trimmed_bytes = 0
+
+    def trimmed(self, blocks: list[Block]) -> None:
+        self.trimmed_bytes += sum(b.size for b in blocks)
 
     def plan(self, size: int, exact: bool = False) -> Plan | None:
         """Room to pin a block for ``size`` bytes (victims taken out), or ``None``; ``exact``
@@ -93,6 +98,8 @@ class Cache:
             "peak_reserved_bytes": r.peak,
             "free_blocks": len(self.free),
             "free_bytes": self.free.nbytes,
+            "cached_bytes": self.free.nbytes,
+            "trimmed_bytes": self.trimmed_bytes,
         }
 
     def find_live(self, ptr: int) -> Block | None:

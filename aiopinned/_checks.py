@@ -83,6 +83,15 @@ def as_rounding(rounding: object) -> str:
     return str(rounding)
 
 
+def as_trim(max_idle_bytes: object, idle_timeout_s: object) -> tuple[int | None, float | None]:
+    """Trimming's bounds: idle bytes (``None``: no bound) and idle seconds (``None``: never)."""
+    idle = None if max_idle_bytes is None else as_size(max_idle_bytes, "max_idle_bytes")
+    age = None if idle_timeout_s is None else as_seconds(idle_timeout_s, "idle_timeout_s")
+    if age is not None and not age > 0:
+        raise ValueError("idle_timeout_s must be > 0 (or None)")
+    return idle, age
+
+
 def as_max_bytes(max_bytes: object) -> int | None:
     """The cap: ``None`` for none, else a byte count ``> 0``."""
     if max_bytes is None:

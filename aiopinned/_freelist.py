@@ -102,6 +102,10 @@ class FreeList:
         self._odd = self.count = self.nbytes = 0
         return blocks
 
+    def blocks(self) -> list[Block]:
+        """Every idle block (a copy: the caller may remove them)."""
+        return [b for same in self._by_size.values() for b in same]
+
     def largest_first(self) -> Iterator[Block]:
         for size in reversed(self._sizes):
             yield from reversed(self._by_size[size])  # (empty sizes yield nothing)

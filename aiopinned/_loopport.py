@@ -148,6 +148,21 @@ class LoopPort:
             future.add_done_callback(adopt)
             raise error
 
+    def call_later(self, delay: float, fn: Callable[[], object]) -> Callable[[], None]:
+        """Loop thread: ``fn()`` on the loop after ``delay`` seconds; returns a canceller."""
+        native = self._native
+        if isinstance(native, asyncio.AbstractEventLoop):
+            return native.call_later(delay, fn).cancel
+        scope = anyio.CancelScope()
+
+        async def later() -> None:
+            with scope:
+                await anyio.sleep(delay)
+                fn()
+
+        self._spawn(later)
+        return scope.cancel
+
     def alive(self) -> bool:
         """Whether the loop can still run anything (it may be paused, not stopped)."""
         return self.post(_nothing)

@@ -56,13 +56,13 @@ def log_late(result: object, error: BaseException | None) -> None:
 class Pinning:
     """Pins and unpins blocks through a backend, off the loop."""
 
-    __slots__ = ("_backend", "_counters", "_port", "_scrubs", "scrubbing")
+    __slots__ = ("_backend", "_counters", "_port", "_scrubs", "background")
 
     def __init__(self, backend: Backend, port: LoopPort, counters: Counters) -> None:
         self._backend = backend
         self._port = port
         self._counters = counters
-        self.scrubbing = InFlight()  # blocks being zeroed in the scrubber thread
+        self.background = InFlight()  # blocks being zeroed or trimmed in threads
         self._scrubs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None] | None = None
 
     def scrub(self, block: Block, then: Callable[[], object]) -> None:
@@ -75,7 +75,7 @@ class Pinning:
         if self._scrubs is None:
             self._scrubs = queue.SimpleQueue()
             start_thread(partial(self._scrubber, self._scrubs), "aiopinned-scrub")
-        self.scrubbing.started()
+        self.background.started()
         self._scrubs.put((block, then))
 
     def _scrubber(self, jobs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None]) -> None:
@@ -87,7 +87,7 @@ class Pinning:
 
     def _scrubbed(self, then: Callable[[], object]) -> None:
         then()
-        self.scrubbing.finished()
+        self.background.finished()
 
     def close(self) -> None:
         """Let the scrubber thread go (once the pool has waited for its scrubs)."""
@@ -124,6 +124,21 @@ class Pinning:
         then(still)
         if error is not None:
             raise error
+
+    def unpin_soon(self, blocks: list[Block], then: Callable[[list[Block]], object]) -> None:
+        """Loop thread: unpin ``blocks`` in a thread of their own, nobody awaiting; then
+        ``then(still_pinned)`` on the loop."""
+
+        def work() -> None:
+            still, _ = self._try_unpin(blocks)
+            self._port.post(done, still)
+
+        def done(still: list[Block]) -> None:
+            self.background.finished()
+            then(still)
+
+        self.background.started()
+        start_thread(work, "aiopinned-trim")
 
     def unpin_after_streams(self, block: Block) -> None:
         """Any thread, finalizers included: unpin ``block`` once the work queued on its streams

@@ -23,6 +23,7 @@ from ._loopport import LoopGone
 from ._reservations import Plan
 from ._runtime import NOT_OPEN, NOT_OPEN_MESSAGE, Runtime
 from ._stats import Counters, PoolStats
+from ._trim import Trim
 from ._waiters import ParkingLot
 from .backends import Backend
 from .errors import InvalidBufferError, PoolClosed, WouldBlock
@@ -41,18 +42,13 @@ class PinnedPool:
     ``allocate_blocking`` may be called from any thread; everything else belongs to the loop.
 
     Args:
-        backend: ``"auto"`` (``cuda`` when a CUDA device is usable, else ``host``), ``"cuda"``,
-            ``"host"``, or an object implementing :class:`aiopinned.backends.Backend`.
-        max_bytes: cap on pinned bytes; ``None`` for no cap.  Under the cap, ``allocate`` waits
-            for a block to come back instead of pinning more.
-        spin_s: opt-in: while callers wait on copies in flight, the loop also polls the events
-            for up to this many seconds (faster wake-ups for a busy loop thread; the README).
-        scrub: zero every block a buffer gives back before anyone else can get it (tenants of
-            a server never see each other's data); large blocks are zeroed off the loop.
-        pinning: ``"auto"`` (register mapped memory, else ``cudaHostAlloc``), ``"register"`` or
-            ``"alloc"`` (the seed's); ``pin_threads`` touch a new block's pages in parallel.
-        rounding: ``"fine"`` (four size classes per doubling, little waste) or ``"pow2"`` (the
-            seed's, exactly: powers of two, and best fit with no bound without a cap).
+        backend: ``"auto"`` (``cuda`` if usable, else ``host``), ``"cuda"``, ``"host"``, a Backend.
+        max_bytes: cap on pinned bytes (``None``: none); under it, ``allocate`` waits instead.
+        spin_s: opt-in: also poll events on the loop this long while callers wait (the README).
+        scrub: zero each block a buffer gives back before anyone else gets it (multi-tenant).
+        pinning, pin_threads: how new blocks are pinned, ``"auto"``/``"register"``/``"alloc"``.
+        rounding: ``"fine"`` (four size classes per doubling) or ``"pow2"`` (the seed's rule).
+        max_idle_bytes, idle_timeout_s: unpin idle blocks past these, off the loop (None: keep).
     """
 
     def __init__(
@@ -65,6 +61,8 @@ class PinnedPool:
         pinning: str = "auto",
         pin_threads: int | None = None,
         rounding: str = "fine",
+        max_idle_bytes: int | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
         self._spec = (check.as_backend(backend), check.as_pinning(pinning, pin_threads))
@@ -75,6 +73,7 @@ class PinnedPool:
         self._rt: Runtime = NOT_OPEN
         self._thread_id = -1  # the loop thread, once open
         self._cache = Cache(self._max_bytes, check.as_rounding(rounding))
+        self._trim = Trim(self._cache, *check.as_trim(max_idle_bytes, idle_timeout_s))
         self._free = self._cache.free  # the hot path's one attribute lookup
         self._counts = Counters()
         self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on, self._counts.waited)
@@ -92,6 +91,7 @@ class PinnedPool:
             self._state = _CLOSED
             raise
         self._rt, self._thread_id = rt, rt.port.thread_id
+        self._trim.start(rt.port, rt.pinning, self._unpinned)
         return self
 
     async def aclose(self) -> None:
@@ -104,11 +104,12 @@ class PinnedPool:
             return
         self._check_loop()
         rt, self._state = self._rt, _CLOSING
+        self._trim.stop()
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
             await rt.watcher.wait_empty()
             await self._growth.pinning.wait_idle()  # (what a departed caller pins is adopted)
-            await rt.pinning.scrubbing.wait_idle()
+            await rt.pinning.background.wait_idle()
             victims = self._cache.take_idle()
             self._state = _CLOSED
             await self._unpin_idle(victims)
@@ -122,7 +123,6 @@ class PinnedPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    # -- allocation ---------------------------------------------------------------------------
     async def allocate(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """A buffer of at least ``nbytes`` pinned bytes.
 
@@ -345,7 +345,6 @@ class PinnedPool:
                 "from other threads"
             )
 
-    # -- handing out, waiting ------------------------------------------------------------------
     def _hand_out(self, block: Block, nbytes: int, hit: int = 0) -> PinnedBuffer:
         block.state = ALLOCATED
         counts = self._counts
@@ -382,7 +381,6 @@ class PinnedPool:
             self._return_block(block)
         self._serve()
 
-    # -- the buffer's owner (BlockOwner), taking blocks back, unpinning ----------------------
     def _call_on_loop(self, fn: Callable[[], object]) -> bool:
         return self._rt.port.post(fn)
 
@@ -419,6 +417,8 @@ class PinnedPool:
         self._counts.returned += 1
         if self._waiters:
             self._serve()
+        if self._trim.max_idle_bytes is not None or self._trim.idle_s is not None:
+            self._trim.returned(block)
 
     def _orphaned(self, block: Block) -> None:
         """Closed, or the loop gone (any thread, finalizers too): unpin once the block's streams

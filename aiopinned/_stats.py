@@ -27,6 +27,10 @@ class PoolStats:
     free_blocks: int
     #: bytes of idle blocks in the cache
     free_bytes: int
+    #: the same: what is pinned and idle (trimming's measure)
+    cached_bytes: int
+    #: idle bytes unpinned by trimming (``max_idle_bytes``, ``idle_timeout_s``), in all
+    trimmed_bytes: int
     #: events recorded on streams that have not been seen to complete
     pending_events: int
     #: callers awaiting a block

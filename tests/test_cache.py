@@ -24,7 +24,8 @@ def test_settled_growth_is_registered_and_reserved() -> None:
     block = cache.settle_pinned(plan, 0x10000)
     assert (block.size, block.state, block in cache.registry) == (4096, FREE, True)
     assert cache.gauges() == {"reserved_bytes": 4096, "peak_reserved_bytes": 4096,
-                              "free_blocks": 0, "free_bytes": 0}  # fmt: skip
+                              "free_blocks": 0, "free_bytes": 0, "cached_bytes": 0,
+                              "trimmed_bytes": 0}  # fmt: skip
 
 
 def test_victims_leave_the_free_list_and_the_registry_at_once() -> None:

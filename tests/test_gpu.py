@@ -355,3 +355,12 @@ async def test_reserve_pins_ahead_and_the_first_requests_hit_the_cache() -> None
         buf = await pool.allocate(64 << 20)
         assert buf.torch().is_pinned() and pool.stats().cache_misses == 0
         print(f"\nreserve: 256 MiB in 4 blocks in {elapsed * 1e3:.0f} ms")
+
+
+async def test_idle_pinned_memory_is_trimmed_by_age_and_by_bytes() -> None:
+    async with PinnedPool("cuda", idle_timeout_s=0.05, max_idle_bytes=64 << 20) as pool:
+        bufs = [await pool.allocate(64 << 20) for _ in range(2)]
+        for buf in bufs:
+            buf.free()  # the second return puts 128 MiB idle: the oldest is trimmed at once
+        await until(lambda: pool.stats().reserved_bytes == 0)  # and the other once it ages
+        assert pool.stats().trimmed_bytes == 128 << 20
