@@ -139,8 +139,8 @@ def test_mapped_memory_is_touched_over_threads_in_huge_page_chunks(
 
     monkeypatch.setattr(_memory, "PARALLEL_TOUCH_BYTES", 0)  # even this small block in threads
     seen: list[int] = []
-    real = _memory._fault_in
-    monkeypatch.setattr(_memory, "_fault_in", lambda p, n: (seen.append(n), real(p, n)))
+    real = ctypes.memset
+    monkeypatch.setattr(_memory.ctypes, "memset", lambda p, v, n: (seen.append(n), real(p, v, n)))
     mapped = _memory.Mapped(5 * _memory.HUGE_PAGE + 4096, threads=3)
     try:
         assert sum(seen) == mapped.size and len(seen) == 3  # every byte, once, in 3 chunks
@@ -208,17 +208,3 @@ def test_refused_registration_falls_back_once_or_names_its_cause(
     assert backend.alloc(4096) and backend.alloc(8192)
     assert fake.allocs == [4096, 8192] and backend.pinning == "alloc"
     assert caplog.text.count("pinning by registration failed") == 1
-
-
-def test_pages_are_faulted_in_with_memset_where_the_kernel_refuses_populate(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import ctypes
-
-    from aiopinned.backends import _memory
-
-    monkeypatch.setattr(_memory, "MADV_POPULATE_WRITE", -1)  # an advice no kernel takes
-    monkeypatch.setattr(_memory, "_populate", [True])
-    buf = (ctypes.c_ubyte * 8192)(*([7] * 8192))
-    _memory._fault_in(ctypes.addressof(buf), 8192)
-    assert bytes(buf) == bytes(8192) and _memory._populate == [False]

@@ -53,33 +53,19 @@ class Mapped:
         self.map.close()
 
 
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, without writing them
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_populate = [True]  # cleared for good the first time the kernel refuses it
-
-
-def _fault_in(ptr: int, size: int) -> None:
-    """Fault ``[ptr, ptr + size)`` in: ``madvise(MADV_POPULATE_WRITE)`` where the kernel has it
-    (the kernel zeroes each page once; ``memset`` would write them all again), else ``memset``.
-    ctypes releases the GIL for both, so threads run them in parallel.  (ctypes because no
-    binding offers ``madvise`` on an address without holding the GIL.)"""
-    if _populate[0] and _libc.madvise(ptr, size, MADV_POPULATE_WRITE) == 0:
-        return
-    _populate[0] = False
-    ctypes.memset(ptr, 0, size)
-
-
 def touch(ptr: int, size: int, threads: int) -> None:
-    """Fault every page of ``[ptr, ptr + size)`` in, over ``threads`` threads."""
+    """Fault every page of ``[ptr, ptr + size)`` in (writing zeros), over ``threads`` threads.
+
+    ``ctypes.memset`` releases the GIL, so the threads run in parallel.
+    """
     if size < PARALLEL_TOUCH_BYTES or threads <= 1:
-        _fault_in(ptr, size)
+        ctypes.memset(ptr, 0, size)
         return
     step = -(-size // threads // HUGE_PAGE) * HUGE_PAGE  # chunks on huge-page boundaries
     workers = [
         threading.Thread(
-            target=_fault_in,
-            args=(ptr + off, min(step, size - off)),
+            target=ctypes.memset,
+            args=(ptr + off, 0, min(step, size - off)),
             name="aiopinned-touch",
             daemon=True,
         )
