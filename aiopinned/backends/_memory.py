@@ -56,7 +56,9 @@ class Mapped:
 def touch(ptr: int, size: int, threads: int) -> None:
     """Fault every page of ``[ptr, ptr + size)`` in (writing zeros), over ``threads`` threads.
 
-    ``ctypes.memset`` releases the GIL, so the threads run in parallel.
+    ``ctypes.memset`` releases the GIL, so the threads run in parallel.  (Tried and dropped:
+    ``madvise(MADV_POPULATE_WRITE)``, which saves the second write of each page, took 134 ms
+    for 1 GiB on the H200 host from one thread and 160 ms from 16, against about 40 ms here.)
     """
     if size < PARALLEL_TOUCH_BYTES or threads <= 1:
         ctypes.memset(ptr, 0, size)
