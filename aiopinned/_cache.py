@@ -79,9 +79,11 @@ class Cache:
         return block
 
     def forget(self, block: Block) -> None:
-        """Out of the registry: the block is on its way to being unpinned (still reserved)."""
-        self.registry.remove(block)
-        block.state = UNPINNED
+        """Out of the registry: the block is on its way to being unpinned (still reserved).
+        A block already forgotten stays so."""
+        if block.state != UNPINNED:
+            self.registry.remove(block)
+            block.state = UNPINNED
 
     def take_idle(self) -> list[Block]:
         """Every idle block, out of the free list and the registry (still reserved)."""

@@ -111,11 +111,11 @@ class EventWatcher:
         "_backend",
         "_helpers",
         "_lock",
-        "_pending",
         "_port",
         "_spin_until",
         "_streams",
         "idle_s",
+        "pending",
     )
 
     def __init__(self, backend: Backend, port: LoopPort, idle_s: float = HELPER_IDLE_S) -> None:
@@ -127,11 +127,12 @@ class EventWatcher:
         self._streams: dict[Hashable, deque[_Pending]] = {}
         self._helpers: dict[Hashable, _Helper] = {}
         self._lock = threading.Lock()  # guards helper start/exit only
-        self._pending = InFlight()  # events recorded and not yet seen to complete
+        #: events recorded and not yet seen to complete (a closing pool waits for none left)
+        self.pending = InFlight()
 
     def __len__(self) -> int:
         """Events recorded and not yet seen to complete."""
-        return self._pending.count
+        return self.pending.count
 
     def add(self, key: Hashable, event: Any, on_done: Callable[[], object]) -> None:
         """Watch ``event``, recorded on stream ``key``; ``on_done()`` runs on the loop after it."""
@@ -140,7 +141,7 @@ class EventWatcher:
         if fifo is None:
             fifo = self._streams[key] = deque()
         fifo.append(item)
-        self._pending.started()
+        self.pending.started()
         with self._lock:
             helper = self._helpers.get(key)
             if helper is None or not helper.alive:
@@ -168,10 +169,6 @@ class EventWatcher:
         for key, event in recorded:
             self.add(key, event, done)
 
-    async def wait_empty(self) -> None:
-        """Wait until every event has been seen to complete (or given up on)."""
-        await self._pending.wait_idle()
-
     def poll(self) -> int:
         """Complete every event that has finished, on every stream; return how many."""
         done = 0
@@ -185,12 +182,12 @@ class EventWatcher:
     def spin(self, seconds: float, keep_going: Callable[[], bool]) -> None:
         """Poll once per loop iteration, for up to ``seconds``, while events are pending and
         ``keep_going()`` holds.  Loop thread only; a no-op while already spinning."""
-        if seconds and self._spin_until < 0 and self._pending.count:
+        if seconds and self._spin_until < 0 and self.pending.count:
             self._spin_until = time.monotonic() + seconds
             self._port.call_soon(self._spin_step, keep_going)
 
     def _spin_step(self, keep_going: Callable[[], bool]) -> None:
-        if not (self._pending.count and keep_going() and time.monotonic() <= self._spin_until):
+        if not (self.pending.count and keep_going() and time.monotonic() <= self._spin_until):
             self._spin_until = -1.0
             return
         self.poll()
@@ -213,7 +210,7 @@ class EventWatcher:
         done = 0
         while fifo and (fifo[0].synced or self._query(key, fifo[0].event)):
             item = fifo.popleft()
-            self._pending.finished()
+            self.pending.finished()
             done += 1
             try:
                 item.on_done()

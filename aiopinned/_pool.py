@@ -15,7 +15,7 @@ from threading import get_ident
 import anyio
 
 from . import _checks as check
-from ._block import ALLOCATED, FREE, PENDING, UNPINNED, Block
+from ._block import ALLOCATED, FREE, PENDING, Block
 from ._buffer import PinnedBuffer
 from ._cache import Cache
 from ._growth import Growth
@@ -107,9 +107,8 @@ class PinnedPool:
         self._trim.stop()
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
-            await rt.watcher.wait_empty()
-            await self._growth.pinning.wait_idle()  # (what a departed caller pins is adopted)
-            await rt.pinning.background.wait_idle()
+            for busy in (rt.watcher.pending, self._growth.pinning, rt.pinning.background):
+                await busy.wait_idle()  # copies, pins (adopted if their caller left), scrubs
             victims = self._cache.take_idle()
             self._state = _CLOSED
             await self._unpin_idle(victims)
@@ -354,7 +353,7 @@ class PinnedPool:
         return PinnedBuffer(self, block, nbytes)
 
     async def _wait(self, size: int, deadline: float) -> Block | Plan:
-        self._counts.num_waits += 1
+        self._counts.waits.count += 1
         if self._spin_s:
             self._rt.watcher.spin(self._spin_s, self._lot.__bool__)
         return await self._lot.park(size, deadline)
@@ -389,13 +388,15 @@ class PinnedPool:
         counts = self._counts
         counts.active_bytes -= block.size
         counts.active_requests -= 1
+        if self._state == _CLOSED or not (block.streams or self._scrub):
+            self._return_block(block)  # (the hit path's free: no partial built)
+            return
         rt, back = self._rt, partial(self._return_block, block)
-        if self._scrub and self._state != _CLOSED:
+        if self._scrub:
             back = partial(rt.pinning.scrub, block, back)
         block.state = PENDING  # (FREE once it is back: after its events, and its scrub)
-        if not block.streams or self._state == _CLOSED:
-            back()
-            return
+        if not block.streams:
+            return back()  # (scrub only)
         try:
             rt.watcher.after(block.streams, back)
         except Exception:  # no event could be recorded: wait for the streams themselves
@@ -417,14 +418,13 @@ class PinnedPool:
         self._counts.returned += 1
         if self._waiters:
             self._serve()
-        if self._trim.max_idle_bytes is not None or self._trim.idle_s is not None:
+        if self._trim.on:
             self._trim.returned(block)
 
     def _orphaned(self, block: Block) -> None:
         """Closed, or the loop gone (any thread, finalizers too): unpin once the block's streams
         are done, in the reaper thread; at interpreter exit, left to the process's end."""
-        if block.state != UNPINNED:
-            self._cache.forget(block)
+        self._cache.forget(block)
         self._rt.pinning.unpin_after_streams(block)
 
     def _record(self, block: Block | None, stream: object) -> bool:

@@ -54,29 +54,40 @@ class PoolStats:
         return asdict(self)
 
 
+class Timing:
+    """How many times something happened, and its total and longest durations (µs)."""
+
+    __slots__ = ("count", "max_us", "total_us")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total_us = 0.0
+        self.max_us = 0.0
+
+    def add(self, us: float, count: int = 1) -> None:
+        self.count += count
+        self.total_us += us
+        self.max_us = max(self.max_us, us)
+
+
 class Counters:
     """The pool's running counts.
 
     Everything is written on the loop thread, except what the pinning threads report through
-    :meth:`pinned` and :meth:`unpinned`, which take ``_lock`` (it guards those six fields only).
+    :meth:`pinned` and :meth:`unpinned`, which take ``_lock`` (it guards ``pins`` and ``unpins``
+    only).
     """
 
     __slots__ = (
         "_lock",
         "active_bytes",
         "active_requests",
-        "alloc_us",
-        "alloc_us_max",
         "cache_hits",
         "cache_misses",
-        "free_us",
-        "free_us_max",
-        "num_alloc",
-        "num_free",
-        "num_waits",
+        "pins",
         "returned",
-        "wait_us",
-        "wait_us_max",
+        "unpins",
+        "waits",
     )
 
     def __init__(self) -> None:
@@ -88,51 +99,42 @@ class Counters:
         self.cache_misses = 0
         #: blocks that went back to the free list (``process_events`` counts with it)
         self.returned = 0
-        self.num_waits = 0
-        self.wait_us = 0.0
-        self.wait_us_max = 0.0
-        self.num_alloc = 0
-        self.alloc_us = 0.0
-        self.alloc_us_max = 0.0
-        self.num_free = 0
-        self.free_us = 0.0
-        self.free_us_max = 0.0
+        #: waits are counted when they begin (``waits.count``) and timed when they end
+        self.waits = Timing()
+        self.pins = Timing()
+        self.unpins = Timing()
 
     def waited(self, us: float) -> None:
-        """A wait (counted in ``num_waits`` when it began) ended after ``us`` microseconds."""
-        self.wait_us += us
-        self.wait_us_max = max(self.wait_us_max, us)
+        """A wait (already counted when it began) ended after ``us`` microseconds."""
+        self.waits.add(us, count=0)
 
     def pinned(self, us: float) -> None:
         """A block was pinned in ``us`` microseconds (any thread)."""
         with self._lock:
-            self.num_alloc += 1
-            self.alloc_us += us
-            self.alloc_us_max = max(self.alloc_us_max, us)
+            self.pins.add(us)
 
     def unpinned(self, us: float) -> None:
         """A block was unpinned in ``us`` microseconds (any thread)."""
         with self._lock:
-            self.num_free += 1
-            self.free_us += us
-            self.free_us_max = max(self.free_us_max, us)
+            self.unpins.add(us)
 
     def snapshot(self, **gauges: Any) -> PoolStats:
         """A :class:`PoolStats` of these counts and the pool's ``gauges`` (the other fields)."""
+        pins, unpins, waits = self.pins, self.unpins, self.waits
         with self._lock:
             return PoolStats(
                 **gauges,
                 active_bytes=self.active_bytes,
                 active_requests=self.active_requests,
-                num_host_alloc=self.num_alloc,
-                num_host_free=self.num_free,
+                num_host_alloc=pins.count,
+                num_host_free=unpins.count,
                 cache_hits=self.cache_hits,
                 cache_misses=self.cache_misses,
-                host_alloc_time_us_total=self.alloc_us,
-                host_alloc_time_us_max=self.alloc_us_max,
-                host_free_time_us_total=self.free_us,
-                host_free_time_us_max=self.free_us_max,
-                num_waits=self.num_waits,
-                wait_time_us_total=self.wait_us,
-                wait_time_us_max=self.wait_us_max,
+                host_alloc_time_us_total=pins.total_us,
+                host_alloc_time_us_max=pins.max_us,
+                host_free_time_us_total=unpins.total_us,
+                host_free_time_us_max=unpins.max_us,
+                num_waits=waits.count,
+                wait_time_us_total=waits.total_us,
+                wait_time_us_max=waits.max_us,
             )

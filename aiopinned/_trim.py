@@ -22,11 +22,22 @@ from ._pinning import Pinning
 
 
 class Trim:
-    __slots__ = ("_cache", "_cancel", "_done", "_pinning", "_port", "idle_s", "max_idle_bytes")
+    __slots__ = (
+        "_cache",
+        "_cancel",
+        "_done",
+        "_pinning",
+        "_port",
+        "idle_s",
+        "max_idle_bytes",
+        "on",
+    )
 
     def __init__(self, cache: Cache, max_idle_bytes: int | None, idle_s: float | None) -> None:
         self._cache = cache
         self.max_idle_bytes, self.idle_s = max_idle_bytes, idle_s
+        #: either bound set (the free path's one check)
+        self.on = max_idle_bytes is not None or idle_s is not None
         self._cancel: Callable[[], None] | None = None
 
     def start(
