@@ -118,7 +118,7 @@ def bandwidth(pool_tensor: Any, nbytes: int, to_device: bool) -> list[tuple[str,
     ]
 
 
-async def pin_and_release(nbytes: int, rounds: int = 3) -> list[tuple[str, str, str]]:
+async def pin_and_release(nbytes: int, rounds: int) -> list[tuple[str, str, str]]:
     """Pinning ``nbytes`` fresh, and releasing it, through the pool (each ``pinning`` mode) and
     through torch's pinned allocator (``cudaHostAlloc``; ``_host_emptyCache`` to release)."""
     import torch
@@ -204,6 +204,7 @@ async def main() -> None:
     parser.add_argument("--copy-mib", type=int, default=512)
     parser.add_argument("--stall-mib", type=int, default=1024)
     parser.add_argument("--pin-mib", type=int, default=1024)
+    parser.add_argument("--pin-rounds", type=int, default=5)
     args = parser.parse_args()
     async with PinnedPool(args.backend) as pool:
         print(f"backend: {pool.backend}")
@@ -217,8 +218,12 @@ async def main() -> None:
                 rows = bandwidth(buf.torch(), args.copy_mib << 20, to_device)
                 _table(f"{name} copy, {args.copy_mib} MiB", rows)
             buf.free()
-            rows = await pin_and_release(args.pin_mib << 20)
-            _table(f"pinning and releasing {args.pin_mib} MiB (median of 3, interleaved)", rows)
+            rows = await pin_and_release(args.pin_mib << 20, args.pin_rounds)
+            _table(
+                f"pinning and releasing {args.pin_mib} MiB "
+                f"(median of {args.pin_rounds}, interleaved)",
+                rows,
+            )
         await pool.empty_cache()
         _table(
             f"largest loop stall while pinning {args.stall_mib} MiB (1 ms ticker)",

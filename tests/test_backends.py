@@ -130,24 +130,80 @@ def test_host_stream_drops_its_work_once_run() -> None:
 
 
 # -- mapping and pinning --------------------------------------------------------------------------
-def test_mapped_memory_is_touched_over_threads_in_huge_page_chunks(
+def test_mapped_memory_is_faulted_in_over_threads_and_reads_as_zeros(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import ctypes
+    import threading
 
     from aiopinned.backends import _memory
 
     monkeypatch.setattr(_memory, "PARALLEL_TOUCH_BYTES", 0)  # even this small block in threads
-    seen: list[int] = []
+    writers: set[str] = set()
     real = ctypes.memset
-    monkeypatch.setattr(_memory.ctypes, "memset", lambda p, v, n: (seen.append(n), real(p, v, n)))
+
+    def spy(p: int, v: int, n: int) -> object:
+        writers.add(threading.current_thread().name)
+        return real(p, v, n)
+
+    monkeypatch.setattr(_memory.ctypes, "memset", spy)
     mapped = _memory.Mapped(5 * _memory.HUGE_PAGE + 4096, threads=3)
     try:
-        assert sum(seen) == mapped.size and len(seen) == 3  # every byte, once, in 3 chunks
-        assert all(n % _memory.HUGE_PAGE == 0 for n in seen[:-1])
-        assert ctypes.string_at(mapped.ptr, 64) == bytes(64)
+        assert _memory.not_resident(mapped.ptr, mapped.size) == []
+        assert ctypes.string_at(mapped.ptr, mapped.size) == bytes(mapped.size)
+        assert writers == {"aiopinned-touch"}  # never the caller's thread
     finally:
         mapped.close()
+
+
+def test_pages_the_kernel_gives_small_are_written_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where huge pages were advised but small ones came (THP off, fragmented memory), one byte
+    per huge page leaves gaps; mincore finds them and they are written in full."""
+    import ctypes
+    import mmap
+
+    from aiopinned.backends import _memory
+
+    size = 4 * _memory.HUGE_PAGE + 8192
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_NOHUGEPAGE)  # small pages, whatever the system's THP mode
+    anchor = ctypes.c_char.from_buffer(area)
+    ptr = ctypes.addressof(anchor)
+    del anchor
+    try:
+        assert _memory.not_resident(ptr, size) == [(ptr, size)]
+        lengths: list[int] = []
+        real = ctypes.memset
+        monkeypatch.setattr(
+            _memory.ctypes, "memset", lambda p, v, n: (lengths.append(n), real(p, v, n))
+        )
+        _memory.fault_in(ptr, size, threads=2, huge=True)
+        assert _memory.not_resident(ptr, size) == []
+        ones = [n for n in lengths if n == 1]
+        assert 5 <= len(ones) <= 6  # the first byte, then one per huge-page boundary
+        assert sum(lengths) - len(ones) >= size - len(ones) * mmap.PAGESIZE  # the gaps, in full
+    finally:
+        area.close()
+
+
+def test_not_resident_reports_the_runs_without_pages() -> None:
+    import ctypes
+    import mmap
+
+    from aiopinned.backends._memory import not_resident
+
+    page = mmap.PAGESIZE
+    area = mmap.mmap(-1, 8 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_NOHUGEPAGE)
+    anchor = ctypes.c_char.from_buffer(area)
+    ptr = ctypes.addressof(anchor)
+    del anchor
+    try:
+        area[3 * page] = 1
+        area[7 * page] = 1
+        assert not_resident(ptr, 8 * page) == [(ptr, 3 * page), (ptr + 4 * page, 3 * page)]
+    finally:
+        area.close()
 
 
 def test_a_mapping_the_system_refuses_is_a_pinned_memory_error() -> None:
