@@ -10,9 +10,10 @@ A buffer goes LIVE -> FREED -> RETIRED:
   under a view.
 * The check-and-retire step (``_settle``) runs on the owner's loop thread, and from anywhere else
   is posted there, so ``free()``, a dying view and the collector, racing from any threads, hand
-  the block back once (``_retired``, changed on the loop only).  If the loop is gone, the owner
-  is told the block is orphaned instead, by whichever thread settles last, under ``_ORPHANS``
-  (the loop cannot be running then, so the two never overlap).
+  the block back once (``_anchor`` becomes ``_RETIRED``, on the loop only).  A buffer freed on
+  the loop that never had a view retires at once: nothing else can hold its memory.  If the
+  loop is gone, the owner is told the block is orphaned instead, by whichever thread settles
+  last, under ``_ORPHANS`` (the loop cannot be running then, so the two never overlap).
 
 The owner is reached through :class:`BlockOwner`, so this module imports nothing above it.
 """
@@ -33,6 +34,13 @@ from ._block import Block
 from .errors import InvalidBufferError
 
 _ORPHANS = Lock()  # serializes retiring buffers whose loop is gone (any threads, rare)
+
+
+def _retired() -> None:
+    """The ``_anchor`` of a buffer whose block went back (never called)."""
+
+
+_RETIRED: Any = _retired
 
 
 class BlockOwner(Protocol):
@@ -71,14 +79,14 @@ class PinnedBuffer:
     ``ResourceWarning`` (which, with ``tracemalloc`` on, says where it was allocated).
     """
 
-    __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_owner", "_retired")
+    __slots__ = ("__weakref__", "_anchor", "_block", "_live", "_nbytes", "_owner")
 
     def __init__(self, owner: BlockOwner, block: Block | None, nbytes: int) -> None:
         self._owner = owner
         self._block = block
         self._nbytes = nbytes
         self._live = [True]
-        self._retired = False
+        #: ``None`` (no view yet), a weak reference to the views' anchor, or ``_RETIRED``
         self._anchor: weakref.ref[Any] | None = None
 
     # -- what it is ---------------------------------------------------------------------------
@@ -191,17 +199,27 @@ class PinnedBuffer:
             self._live.pop()
         except IndexError:
             raise InvalidBufferError("this buffer was already freed") from None
-        if get_ident() == self._owner._thread_id:
-            self._settle()
-        else:
+        owner = self._owner
+        if get_ident() != owner._thread_id:
             self._settle_soon()
+        elif self._anchor is None:  # (the hit path: no view was ever made)
+            self._anchor = _RETIRED
+            owner._take_back(self._block)
+        else:
+            self._settle()
+
+    def _retiring(self) -> bool:
+        """Freed, not yet retired, and no view left: retire now (marks it retired)."""
+        anchor = self._anchor
+        if self._live or anchor is _RETIRED or (anchor is not None and anchor() is not None):
+            return False
+        self._anchor = _RETIRED
+        return True
 
     def _settle(self) -> None:
         """Loop thread: hand the block back if this is the moment the buffer retires."""
-        if self._retired or self._live or (self._anchor is not None and self._anchor()):
-            return
-        self._retired = True
-        self._owner._take_back(self._block)  # type: ignore[arg-type]  # (not None: see free())
+        if self._retiring():
+            self._owner._take_back(self._block)  # type: ignore[arg-type]  # (see free())
 
     def _settle_soon(self) -> None:
         """Any thread, finalizers included: ``_settle`` on the owner's loop, or, the loop gone,
@@ -209,9 +227,8 @@ class PinnedBuffer:
         if self._owner._call_on_loop(self._settle):
             return
         with _ORPHANS:
-            if self._retired or self._live or (self._anchor is not None and self._anchor()):
+            if not self._retiring():
                 return
-            self._retired = True
         self._owner._orphaned(self._block)  # type: ignore[arg-type]
 
     async def __aenter__(self) -> PinnedBuffer:

@@ -95,7 +95,10 @@ class Cache:
     def gauges(self) -> dict[str, int]:
         """What is pinned now, as :class:`~aiopinned.PoolStats` fields."""
         r = self.reservations
+        active = [b.size for b in self.registry.blocks() if b.state == ALLOCATED]
         return {
+            "active_bytes": sum(active),  # (counted here, so that the hit path counts nothing)
+            "active_requests": len(active),
             "reserved_bytes": r.reserved,
             "peak_reserved_bytes": r.peak,
             "free_blocks": len(self.free),

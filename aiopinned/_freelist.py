@@ -32,7 +32,7 @@ class FreeList:
     forever (the best-fit trap); a block that is too big is left idle, where growth may unpin it.
     """
 
-    __slots__ = ("_by_size", "_classes", "_odd", "_sizes", "count", "nbytes", "sizes")
+    __slots__ = ("_by_size", "_classes", "_odd", "_sizes", "nbytes", "sizes")
 
     def __init__(self, sizes: Sizes) -> None:
         self.sizes = sizes
@@ -41,12 +41,15 @@ class FreeList:
         # size -> blocks of that size, sorted by descending address (pop() is the lowest)
         self._by_size: dict[int, list[Block]] = {}
         self._odd = 0  # idle blocks whose size is not a class size
-        #: idle blocks, and the bytes they hold
-        self.count = 0
+        #: the bytes the idle blocks hold
         self.nbytes = 0
 
     def __len__(self) -> int:
-        return self.count
+        """The idle blocks (counted, for stats: the hot paths keep no count)."""
+        return sum(map(len, self._by_size.values()))
+
+    def __bool__(self) -> bool:
+        return self.nbytes > 0  # (every block has a size)
 
     def add(self, block: Block) -> None:
         size = block.size
@@ -60,15 +63,16 @@ class FreeList:
             insort(same, block, key=_neg_ptr)
         if block.odd:
             self._odd += 1
-        self.count += 1
         self.nbytes += size
 
     def take(self, size: int) -> Block | None:
         """Remove and return the smallest block that fits ``size`` (within the limit), or None."""
-        if not self._odd:
+        if not self._odd:  # (the hit: no odd block is idle, so this pop needs no odd check)
             same = self._by_size.get(self._classes.get(size) or self.sizes.size_class(size))
             if same:
-                return self._pop(same)
+                block = same.pop()
+                self.nbytes -= block.size
+                return block
         sizes, by_size, limit = self._sizes, self._by_size, self.sizes.limit(size)
         i = sizes.bisect_left(size)
         while i < len(sizes):
@@ -85,7 +89,6 @@ class FreeList:
         size = block.size
         if block.odd:
             self._odd -= 1
-        self.count -= 1
         self.nbytes -= size
         return block
 
@@ -99,7 +102,7 @@ class FreeList:
         blocks = [b for same in self._by_size.values() for b in same]
         self._sizes.clear()
         self._by_size.clear()
-        self._odd = self.count = self.nbytes = 0
+        self._odd = self.nbytes = 0
         return blocks
 
     def blocks(self) -> list[Block]:

@@ -72,9 +72,12 @@ class PinnedPool:
         self._cap = _NO_CAP if self._max_bytes is None else self._max_bytes
         self._rt: Runtime = NOT_OPEN
         self._thread_id = -1  # the loop thread, once open
+        self._hit_thread = -1  # the same, while open: the hit paths' one check of both
         self._cache = Cache(self._max_bytes, check.as_rounding(rounding))
         self._trim = Trim(self._cache, *check.as_trim(max_idle_bytes, idle_timeout_s))
         self._free = self._cache.free  # the hot path's one attribute lookup
+        #: a freed block with no streams goes straight back: open, no scrub, no trimming
+        self._quick = not (self._scrub or self._trim.on)
         self._counts = Counters()
         self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on, self._counts.waited)
         self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
@@ -91,6 +94,7 @@ class PinnedPool:
             self._state = _CLOSED
             raise
         self._rt, self._thread_id = rt, rt.port.thread_id
+        self._hit_thread = self._thread_id
         self._trim.start(rt.port, rt.pinning, self._unpinned)
         return self
 
@@ -103,14 +107,14 @@ class PinnedPool:
         if self._state == _CLOSED:
             return
         self._check_loop()
-        rt, self._state = self._rt, _CLOSING
+        rt, self._state, self._hit_thread = self._rt, _CLOSING, -1
         self._trim.stop()
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
             for busy in (rt.watcher.pending, self._growth.pinning, rt.pinning.background):
                 await busy.wait_idle()  # copies, pins (adopted if their caller left), scrubs
             victims = self._cache.take_idle()
-            self._state = _CLOSED
+            self._state, self._quick = _CLOSED, False
             await self._unpin_idle(victims)
         finally:
             if self._state == _CLOSED:
@@ -125,10 +129,9 @@ class PinnedPool:
     async def allocate(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """A buffer of at least ``nbytes`` pinned bytes.
 
-        Reuses the smallest idle block that fits; else pins a new block (rounded up to a power
-        of two, or to ``nbytes`` where that does not fit under ``max_bytes``), unpinning idle
-        blocks that are too small if the cap is in the way; else waits, first come first served,
-        for a block to come back.
+        Reuses the smallest idle block that fits; else pins one of ``nbytes``'s size class (or
+        of ``nbytes`` at the cap's edge), unpinning idle blocks that are too small if the cap is
+        in the way; else waits, first come first served, for a block to come back.
 
         Raises:
             TypeError / ValueError: ``nbytes`` is not an int, is negative, or exceeds max_bytes.
@@ -143,12 +146,13 @@ class PinnedPool:
             and 0 < nbytes <= self._cap
             and timeout is None
             and not self._waiters
-            and get_ident() == self._thread_id
-            and self._state == _OPEN
+            and get_ident() == self._hit_thread
         ):
             block = self._free.take(nbytes)
-            if block is not None:
-                return self._hand_out(block, nbytes, 1)
+            if block is not None:  # (_hand_out, inline)
+                block.state = ALLOCATED
+                self._counts.cache_hits += 1
+                return PinnedBuffer(self, block, nbytes)
         return await self._allocate_checked(nbytes, timeout)
 
     async def _allocate_checked(self, nbytes: object, timeout: object) -> PinnedBuffer:
@@ -185,23 +189,24 @@ class PinnedPool:
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
         """A cached block at once, or :class:`WouldBlock` wherever ``allocate`` would wait, and
         also where it would pin (which blocks for up to seconds: no call here may)."""
-        if (
+        size = nbytes
+        if not (
             type(nbytes) is int
             and 0 < nbytes <= self._cap
-            and get_ident() == self._thread_id
-            and self._state == _OPEN
+            and not self._waiters
+            and get_ident() == self._hit_thread
         ):
-            size = nbytes
-        else:
             size = self._check_request(nbytes)
             if size == 0:
                 return PinnedBuffer(self, None, 0)
-        if self._waiters:
-            raise WouldBlock(f"{len(self._lot)} callers are queued ahead; nobody overtakes them")
+            if self._waiters:
+                raise WouldBlock(f"{len(self._lot)} callers are queued ahead; nobody overtakes")
         block = self._free.take(size)
         if block is None:
             raise WouldBlock(f"no idle block of at least {size} bytes; await allocate() instead")
-        return self._hand_out(block, size, 1)
+        block.state = ALLOCATED  # (_hand_out, inline)
+        self._counts.cache_hits += 1
+        return PinnedBuffer(self, block, size)
 
     def allocate_blocking(self, nbytes: int, *, timeout: float | None = None) -> PinnedBuffer:
         """``allocate`` for plain threads (e.g. sync data-loader workers): blocks the caller."""
@@ -339,17 +344,13 @@ class PinnedPool:
     def _check_loop(self) -> None:
         if get_ident() != self._thread_id or not self._rt.port.is_current():
             raise RuntimeError(
-                "this PinnedPool belongs to another event loop (the one it was "
-                "opened on); only free() and allocate_blocking() may be called "
-                "from other threads"
+                "this PinnedPool belongs to another event loop (the one it was opened on); only "
+                "free() and allocate_blocking() may be called from other threads"
             )
 
     def _hand_out(self, block: Block, nbytes: int, hit: int = 0) -> PinnedBuffer:
         block.state = ALLOCATED
-        counts = self._counts
-        counts.cache_hits += hit
-        counts.active_bytes += block.size
-        counts.active_requests += 1
+        self._counts.cache_hits += hit
         return PinnedBuffer(self, block, nbytes)
 
     async def _wait(self, size: int, deadline: float) -> Block | Plan:
@@ -364,16 +365,12 @@ class PinnedPool:
             self._serve()
         elif isinstance(grant, Block):
             self._return_block(grant)
-        else:
-            self._undo_plan(grant)
+        else:  # a plan that never ran: its victims are idle blocks again
+            self._return_blocks(self._cache.undo(grant))
 
     def _serve(self) -> None:
         """Idle blocks, or room to grow, to waiters in FIFO order (the lot is open-only)."""
         self._lot.serve(lambda size: self._free.take(size) or self._cache.plan(size))
-
-    def _undo_plan(self, plan: Plan) -> None:
-        """The plan never ran (its waiter left): its victims are idle blocks again."""
-        self._return_blocks(self._cache.undo(plan))
 
     def _return_blocks(self, blocks: list[Block]) -> None:
         for block in blocks:
@@ -385,11 +382,14 @@ class PinnedPool:
 
     def _take_back(self, block: Block) -> None:
         """A buffer is done with ``block``: it comes back now, or after its streams' events."""
-        counts = self._counts
-        counts.active_bytes -= block.size
-        counts.active_requests -= 1
+        if self._quick and not block.streams:  # (the hit path's free: _return_block, inline)
+            block.state = FREE
+            self._free.add(block)
+            if self._waiters:
+                self._serve()
+            return
         if self._state == _CLOSED or not (block.streams or self._scrub):
-            self._return_block(block)  # (the hit path's free: no partial built)
+            self._return_block(block)
             return
         rt, back = self._rt, partial(self._return_block, block)
         if self._scrub:

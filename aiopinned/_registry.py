@@ -43,6 +43,10 @@ class Registry:
             del self._blocks[block.ptr]
             self._starts.remove(block.ptr)
 
+    def blocks(self) -> list[Block]:
+        with self._lock:
+            return list(self._blocks.values())
+
     def find(self, ptr: int) -> Block | None:
         """The block whose memory holds address ``ptr``, or ``None``."""
         with self._lock:

@@ -80,8 +80,6 @@ class Counters:
 
     __slots__ = (
         "_lock",
-        "active_bytes",
-        "active_requests",
         "cache_hits",
         "cache_misses",
         "pins",
@@ -92,12 +90,10 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: bytes and buffers handed out and not yet taken back
-        self.active_bytes = 0
-        self.active_requests = 0
         self.cache_hits = 0
         self.cache_misses = 0
-        #: blocks that went back to the free list (``process_events`` counts with it)
+        #: blocks that went back to the free list after their events or scrub (``process_events``
+        #: counts with it; the hit path's free does not count)
         self.returned = 0
         #: waits are counted when they begin (``waits.count``) and timed when they end
         self.waits = Timing()
@@ -124,8 +120,6 @@ class Counters:
         with self._lock:
             return PoolStats(
                 **gauges,
-                active_bytes=self.active_bytes,
-                active_requests=self.active_requests,
                 num_host_alloc=pins.count,
                 num_host_free=unpins.count,
                 cache_hits=self.cache_hits,

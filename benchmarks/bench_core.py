@@ -24,8 +24,28 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
         print(f"  {name:<{width}}  {value:>14}  {ratio}")
 
 
+class DictOfLists:
+    """The plain baseline: idle buffers in a dict of lists by size, behind an ``asyncio.Lock``."""
+
+    def __init__(self) -> None:
+        self.idle: dict[int, list[bytearray]] = {}
+        self.lock = asyncio.Lock()
+
+    async def allocate(self, n: int) -> tuple[int, bytearray]:
+        async with self.lock:
+            same = self.idle.get(n)
+            return (n, same.pop()) if same else (n, bytearray(n))
+
+    def free(self, item: tuple[int, bytearray]) -> None:
+        self.idle.setdefault(item[0], []).append(item[1])
+
+
 async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str, str]]:
+    """Each sample times ``n`` allocate + free pairs; samples of every row are interleaved, and
+    each row reports its median, with its ratio to torch (cuda) and to the plain baseline."""
     (await pool.allocate(size)).free()  # warm
+    plain = DictOfLists()
+    plain.free(await plain.allocate(size))
 
     async def ours_async() -> float:
         t0 = time.perf_counter()
@@ -39,12 +59,21 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
             pool.allocate_nowait(size).free()
         return (time.perf_counter() - t0) / n * 1e6
 
-    results: dict[str, list[float]] = {"await allocate + free": [], "allocate_nowait + free": []}
-    peers: dict[str, list[float]] = {}
-    try:
-        import torch
+    async def plain_hit() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            plain.free(await plain.allocate(size))
+        return (time.perf_counter() - t0) / n * 1e6
 
-        if pool.backend == "cuda":
+    samples: dict[str, Any] = {
+        "await allocate + free": ours_async,
+        "allocate_nowait + free": ours_nowait,
+        "dict of lists + asyncio.Lock": plain_hit,
+    }
+    if pool.backend == "cuda":
+        try:
+            import torch
+
             torch.empty(size, dtype=torch.uint8, pin_memory=True)
 
             def torch_hit() -> float:
@@ -54,14 +83,14 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
                     del del_me
                 return (time.perf_counter() - t0) / n * 1e6
 
-            peers["torch.empty(pin_memory=True) + del"] = []
-    except ImportError:
-        torch = None
-    try:
-        import cupy
+            samples["torch.empty(pin_memory=True) + del"] = torch_hit
+        except ImportError:
+            pass
+        try:
+            import cupy
 
-        if pool.backend == "cuda":
             cpool = cupy.cuda.PinnedMemoryPool()
+            cpool.malloc(size)
 
             def cupy_hit() -> float:
                 t0 = time.perf_counter()
@@ -70,24 +99,22 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
                     del mem
                 return (time.perf_counter() - t0) / n * 1e6
 
-            cpool.malloc(size)
-            peers["cupy PinnedMemoryPool malloc + del"] = []
-    except ImportError:
-        pass
-    for _ in range(7):  # interleave, take medians
-        results["await allocate + free"].append(await ours_async())
-        results["allocate_nowait + free"].append(ours_nowait())
-        if "torch.empty(pin_memory=True) + del" in peers:
-            peers["torch.empty(pin_memory=True) + del"].append(torch_hit())
-        if "cupy PinnedMemoryPool malloc + del" in peers:
-            peers["cupy PinnedMemoryPool malloc + del"].append(cupy_hit())
-    base = statistics.median(next(iter(peers.values()))) if peers else None
-    rows = []
-    for name, vals in {**results, **peers}.items():
-        med = statistics.median(vals)
-        ratio = f"{med / base:.2f}x of torch" if base else ""
-        rows.append((name, f"{med:.2f} us", ratio))
-    return rows
+            samples["cupy PinnedMemoryPool malloc + del"] = cupy_hit
+        except ImportError:
+            pass
+    times: dict[str, list[float]] = {name: [] for name in samples}
+    for _ in range(11):  # interleaved
+        for name, sample in samples.items():
+            result = sample()
+            times[name].append(await result if asyncio.iscoroutine(result) else result)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    peers = [p for p in ("torch.empty(pin_memory=True) + del", "dict of lists + asyncio.Lock")
+             if p in med]  # fmt: skip
+    return [
+        (name, f"{v:.2f} us",
+         ", ".join(f"{v / med[p]:.2f}x of {p.split(' ')[0].split('.')[0]}" for p in peers))
+        for name, v in med.items()
+    ]  # fmt: skip
 
 
 def bandwidth(pool_tensor: Any, nbytes: int, to_device: bool) -> list[tuple[str, str, str]]:
@@ -209,7 +236,7 @@ async def main() -> None:
     async with PinnedPool(args.backend) as pool:
         print(f"backend: {pool.backend}")
         _table(
-            f"cache hit, {args.size} bytes (median of 7 x {args.hits})",
+            f"cache hit, {args.size} bytes (median of 11 x {args.hits}, interleaved)",
             await cache_hit(pool, args.hits, args.size),
         )
         if pool.backend == "cuda":

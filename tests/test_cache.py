@@ -25,7 +25,10 @@ def test_settled_growth_is_registered_and_reserved() -> None:
     assert (block.size, block.state, block in cache.registry) == (4096, FREE, True)
     assert cache.gauges() == {"reserved_bytes": 4096, "peak_reserved_bytes": 4096,
                               "free_blocks": 0, "free_bytes": 0, "cached_bytes": 0,
-                              "trimmed_bytes": 0}  # fmt: skip
+                              "trimmed_bytes": 0, "active_bytes": 0,
+                              "active_requests": 0}  # fmt: skip
+    block.state = ALLOCATED  # (as a hand-out leaves it)
+    assert (cache.gauges()["active_bytes"], cache.gauges()["active_requests"]) == (4096, 1)
 
 
 def test_victims_leave_the_free_list_and_the_registry_at_once() -> None:
