@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -127,8 +128,11 @@ class ParkingLot(Generic[G]):
         self._queue.append(waiter)
         start = time.perf_counter()
         try:
-            with anyio.CancelScope(deadline=deadline):
+            if deadline == math.inf:  # (no scope to enter and leave: the wake-up's hot path)
                 await waiter.event.wait()
+            else:
+                with anyio.CancelScope(deadline=deadline):
+                    await waiter.event.wait()
         except BaseException:
             self._on_abandon(self._leave(waiter))
             raise

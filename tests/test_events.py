@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -89,7 +90,7 @@ async def test_idle_helpers_exit_after_idle_s_and_use_nothing_meanwhile() -> Non
 
 async def test_spin_polls_on_the_loop_while_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
     # Silence the helper threads: only the loop's polling can see the event complete.
-    monkeypatch.setattr(EventWatcher, "_on_synced", lambda self, key, item: None)
+    monkeypatch.setattr(EventWatcher, "_on_synced", lambda self: None)
     w, _ = watcher()
     stream, gate, done = HostStream(), Gate(), []
     stream.launch(gate)
@@ -99,4 +100,37 @@ async def test_spin_polls_on_the_loop_while_told_to(monkeypatch: pytest.MonkeyPa
     await until(lambda: done == [1])
     w.spin(30, lambda: False)  # nothing pending: a no-op
     await anyio.lowlevel.checkpoint()
+    w.stop()
+
+
+async def test_one_wake_up_serves_every_event_that_completed_meanwhile() -> None:
+    """Events on eight streams complete while the loop is busy: one post drains them all."""
+    w, backend = watcher()
+    posts: list[object] = []
+
+    class CountingPort:
+        def __init__(self, port: LoopPort) -> None:
+            self.port = port
+
+        def post(self, fn: Callable[..., object], *args: object) -> bool:
+            posts.append(fn)
+            return self.port.post(fn, *args)
+
+    w._port = CountingPort(w._port)  # type: ignore[assignment]  # (helpers start after this)
+    gate, streams, done = Gate(), [HostStream() for _ in range(8)], []
+    for i, stream in enumerate(streams):
+        stream.launch(gate)
+        w.add(stream, backend.record(stream), lambda i=i: done.append(i))
+    gate.open()
+    for stream in streams:  # the loop is held here, not yielding, until every helper reported
+        stream.synchronize()
+    while len(w._synced) < 8:
+        threading.Event().wait(0.001)
+    await until(lambda: len(done) == 8)
+    assert sorted(done) == list(range(8)) and len(posts) == 1 and len(w) == 0
+    # and the next completion, after that drain, wakes the loop again
+    later = HostStream()
+    w.add(later, backend.record(later), lambda: done.append(8))
+    await until(lambda: len(done) == 9)
+    assert len(posts) == 2
     w.stop()

@@ -481,7 +481,7 @@ async def test_spinning_returns_blocks_without_the_watcher_threads(
     from .conftest import Gate
 
     # Silence the watcher threads: only the loop's polling can bring the block back.
-    monkeypatch.setattr(_events.EventWatcher, "_on_synced", lambda self, key, item: None)
+    monkeypatch.setattr(_events.EventWatcher, "_on_synced", lambda self: None)
     async with (
         PinnedPool("host", max_bytes=4 * KB, spin_s=30) as pool,
         anyio.create_task_group() as tg,
