@@ -13,7 +13,12 @@ How completion is seen, without polling the loop's ~1 ms timers:
   only if no wake-up is already on its way: one wake-up serves every event that completed
   meanwhile, on every stream.  The loop clears that flag *before* it drains the queue, so an
   event put after the drain always brings its own wake-up.
-* With nothing pending, helpers sleep on a queue (no CPU) and exit after ``idle_s``.
+* While events are pending, the loop also polls them every ``poll_s`` (a timer): on a busy
+  loop, a helper thread waits up to the interpreter's switch interval (5 ms) for the GIL before
+  it can post, while the loop reaches a due timer within one iteration.  On an idle loop the
+  timer fires at the loop's timer resolution (about 1 ms) and the helpers come first.
+* With nothing pending, no timer is armed and helpers sleep on a queue (no CPU), then exit
+  after ``idle_s``.
 * ``poll()`` (the seed's ``process_events``) drains every stream's completed head events at once.
 * ``spin()`` (the pool's opt-in ``spin_s``) polls on the loop, once per iteration, while callers
   wait: a waiter then resumes within a loop iteration of its copy ending, without the
@@ -51,6 +56,8 @@ log = logging.getLogger("aiopinned")
 
 #: seconds a helper thread lingers with nothing to wait on before it exits (by default)
 HELPER_IDLE_S = 5.0
+#: seconds between the loop's own polls while events are pending (by default)
+POLL_S = 1e-4
 
 
 class _Pending:
@@ -120,16 +127,27 @@ class EventWatcher:
         "_spin_until",
         "_streams",
         "_synced",
+        "_tick",
         "_woken",
         "idle_s",
         "pending",
+        "poll_s",
     )
 
-    def __init__(self, backend: Backend, port: LoopPort, idle_s: float = HELPER_IDLE_S) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        port: LoopPort,
+        idle_s: float = HELPER_IDLE_S,
+        poll_s: float = POLL_S,
+    ) -> None:
         self._backend = backend
         self._port = port
         #: seconds a helper thread with nothing to wait on lingers before it exits
         self.idle_s = idle_s
+        #: seconds between the loop's polls while events are pending (0: helpers only)
+        self.poll_s = poll_s
+        self._tick: Callable[[], None] | None = None  # cancels the armed poll timer
         self._spin_until = -1.0  # < 0: not spinning
         self._streams: dict[Hashable, deque[_Pending]] = {}
         self._helpers: dict[Hashable, _Helper] = {}
@@ -152,6 +170,8 @@ class EventWatcher:
             fifo = self._streams[key] = deque()
         fifo.append(item)
         self.pending.started()
+        if self._tick is None and self.poll_s:
+            self._tick = self._port.call_later(self.poll_s, self._on_tick)
         with self._lock:
             helper = self._helpers.get(key)
             if helper is None or not helper.alive:
@@ -203,8 +223,18 @@ class EventWatcher:
         self.poll()
         self._port.call_soon(self._spin_step, keep_going)
 
+    def _on_tick(self) -> None:
+        self._tick = None
+        self.poll()
+        if self.pending.count:
+            self._tick = self._port.call_later(self.poll_s, self._on_tick)
+
     def stop(self) -> None:
-        """Let idle helpers exit now (busy ones finish their current event first)."""
+        """Let idle helpers exit now (busy ones finish their current event first); disarm the
+        poll timer (loop thread)."""
+        if self._tick is not None:
+            self._tick()
+            self._tick = None
         with self._lock:
             helpers, self._helpers = list(self._helpers.values()), {}
         for helper in helpers:

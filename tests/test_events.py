@@ -18,9 +18,9 @@ from .conftest import Gate, until
 pytestmark = pytest.mark.anyio
 
 
-def watcher(idle_s: float = 5.0) -> tuple[EventWatcher, HostBackend]:
+def watcher(idle_s: float = 5.0, poll_s: float = 1e-4) -> tuple[EventWatcher, HostBackend]:
     backend = HostBackend()
-    return EventWatcher(backend, LoopPort(), idle_s=idle_s), backend
+    return EventWatcher(backend, LoopPort(), idle_s=idle_s, poll_s=poll_s), backend
 
 
 async def test_the_helper_thread_reports_completion_on_the_loop() -> None:
@@ -105,7 +105,7 @@ async def test_spin_polls_on_the_loop_while_told_to(monkeypatch: pytest.MonkeyPa
 
 async def test_one_wake_up_serves_every_event_that_completed_meanwhile() -> None:
     """Events on eight streams complete while the loop is busy: one post drains them all."""
-    w, backend = watcher()
+    w, backend = watcher(poll_s=0)  # (helpers only)
     posts: list[object] = []
 
     class CountingPort:
@@ -133,4 +133,32 @@ async def test_one_wake_up_serves_every_event_that_completed_meanwhile() -> None
     w.add(later, backend.record(later), lambda: done.append(8))
     await until(lambda: len(done) == 9)
     assert len(posts) == 2
+    w.stop()
+
+
+async def test_the_loop_polls_on_a_timer_while_events_are_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the helpers silenced, the poll timer alone completes the event; once nothing is
+    pending, no timer is left armed (an idle watcher costs no CPU)."""
+    monkeypatch.setattr(EventWatcher, "_on_synced", lambda self: None)
+    w, backend = watcher()
+    assert w._tick is None
+    stream, gate, done = HostStream(), Gate(), []
+    stream.launch(gate)
+    w.add(stream, backend.record(stream), lambda: done.append(1))
+    assert w._tick is not None
+    gate.open()
+    await until(lambda: done == [1])
+    assert len(w) == 0 and w._tick is None
+    w.stop()
+
+
+async def test_no_poll_timer_when_polling_is_off() -> None:
+    backend = HostBackend()
+    w = EventWatcher(backend, LoopPort(), poll_s=0)
+    stream, done = HostStream(), []
+    w.add(stream, backend.record(stream), lambda: done.append(1))
+    assert w._tick is None
+    await until(lambda: done == [1])
     w.stop()

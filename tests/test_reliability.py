@@ -88,8 +88,9 @@ async def test_a_failing_event_release_loses_no_block() -> None:
         buf = await pool.allocate(4 * KB)
         buf.record_stream(stream)
         buf.free()
-        await until(lambda: pool.stats().free_blocks == 1)
-        assert backend.failures["release_event"] >= 1
+        # (the block may come back by the loop's poll before the helper lets go of the event)
+        await until(lambda: backend.failures["release_event"] >= 1)
+        assert pool.stats().free_blocks == 1
         consistent(pool, backend)
 
 
