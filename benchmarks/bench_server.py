@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import inference_server as example
 from _device import make_weights, mlp_dims, pick_backend, reference
+from _http import uvicorn_config
 
 MiB = 1 << 20
 OCTETS = "application/octet-stream"
@@ -46,17 +48,38 @@ EXAMPLE = Path(example.__file__).resolve()
 
 
 def max_rows_under(max_bytes: int, dims: Sequence[int]) -> int:
-    """The most rows a request may have: its input and its output both fit under the cap (the
-    server's own rule)."""
-    return max_bytes // (4 * max(dims[0], dims[-1]))
+    """The most rows a request may have: its input and its output fit under the cap together,
+    in one buffer (the server's own rule)."""
+    return max_bytes // (4 * (dims[0] + dims[-1]))
 
 
-async def infer_pageable(server: example.Server, body: bytearray, rows: int) -> bytes:
+class PageableBody:
+    """What a server without a pool stages a body in: a ``bytearray`` made on arrival."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.data = bytearray(nbytes)
+
+    def memoryview(self) -> memoryview:
+        return memoryview(self.data)
+
+    async def __aenter__(self) -> PageableBody:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+async def admit_pageable(server: example.Server, nbytes: int, timeout: float) -> PageableBody:
+    """No ticket: every request is admitted at once, as without a pool."""
+    return PageableBody(nbytes)
+
+
+async def infer_pageable(server: example.Server, body: PageableBody, rows: int) -> bytes:
     """The example's ``infer`` with pageable staging buffers: the baseline."""
     device, (d_in, *_, d_out) = server.device, server.dims
     stream = random.choice(server.streams)
     inp = device.pageable("float32", (rows, d_in))
-    device.numpy(inp)[...] = np.frombuffer(body, np.float32).reshape(rows, d_in)
+    device.numpy(inp)[...] = np.frombuffer(body.data, np.float32, rows * d_in).reshape(rows, d_in)
     x = device.to_device(stream, inp)
     y = device.mlp(stream, x, server.weights)
     out = device.pageable("float32", (rows, d_out))
@@ -253,16 +276,19 @@ async def run_clients(
 # -- servers --------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def serving(
-    argv: list[str], infer: example.Infer = example.infer, http: str = "auto"
+    argv: list[str],
+    infer: example.Infer = example.infer,
+    http: str = "auto",
+    admit: example.Admit = example.admit,
 ) -> AsyncIterator[tuple[example.Server, str]]:
     """The example's app, configured by its command line ``argv``, under uvicorn in this
     process on a free loopback port: its state and its URL.  For tests and profilers: here the
     server's device streams can be held and its pool looked at."""
     import uvicorn
 
-    app = example.create_app(example.parse_args(argv), infer)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=http)
-    server = uvicorn.Server(config)
+    args = example.parse_args([*argv, "--http", http, "--log-level", "warning"])
+    app = example.create_app(args, infer, admit)
+    server = uvicorn.Server(uvicorn_config(app, args, host="127.0.0.1", port=0))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -277,9 +303,17 @@ async def serving(
         await task
 
 
+@dataclass
+class Running:
+    """A server process and its URL."""
+
+    url: str
+    process: anyio.abc.Process
+
+
 @contextlib.asynccontextmanager
-async def server_process(memory: str, argv: list[str]) -> AsyncIterator[str]:
-    """The example server (``pinned``) or its pageable twin as a process: its URL."""
+async def server_process(memory: str, argv: list[str]) -> AsyncIterator[Running]:
+    """The example server (``pinned``) or its pageable twin as a process, once it answers."""
     import httpx
 
     with socket.socket() as s:
@@ -301,9 +335,10 @@ async def server_process(memory: str, argv: list[str]) -> AsyncIterator[str]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not come up")
                 await anyio.sleep(0.1)
-        yield url
+        yield Running(url, proc)
     finally:
-        proc.send_signal(signal.SIGINT)  # uvicorn shuts down, the pool closes
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)  # uvicorn shuts down, the pool closes
         with anyio.move_on_after(30) as scope:
             await proc.wait()
         if scope.cancelled_caught:
@@ -321,9 +356,10 @@ async def bench(args: argparse.Namespace) -> None:
         payloads = os.path.join(tmp, "payloads.npz")
         for memory in ("pinned", "pageable"):
             async with (
-                server_process(memory, server_argv) as url,
-                httpx.AsyncClient(base_url=url) as client,
+                server_process(memory, server_argv) as running,
+                httpx.AsyncClient(base_url=running.url) as client,
             ):
+                url = running.url
                 model = (await client.get("/stats")).json()["model"]
                 if memory == "pinned":  # both servers get the same bodies
                     await anyio.to_thread.run_sync(
@@ -383,7 +419,7 @@ def print_report(
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve-pageable"]:  # the pageable twin, as a server process
-        example.main(argv[1:], infer=infer_pageable)
+        example.main(argv[1:], infer=infer_pageable, admit=admit_pageable)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", nargs="?", choices=("bench", "load"), default="bench")

@@ -2,16 +2,15 @@
 
     python examples/inference_server.py serve --port 8000 --max-mib 16
 
-A Starlette app on uvicorn serves a small MLP on the GPU through torch (or, with no GPU, on the
-host backend's stand-in, ``_device.py``).  ``POST /infer`` takes raw float32 rows and answers raw
-float32 rows; ``GET /stats`` gives the model and the pool's and the server's counters.
-
-The lesson is ``infer``: stage the body in a pool buffer, copy it to the device on a stream and
-free the buffer at once (``record_stream`` keeps it from reuse until the copy is done); run the
-model; copy the answer into a second buffer and ``await pool.synchronize(stream)``, which waits
-without blocking the loop.  A request never holds one buffer while it awaits another, so requests
-under the cap cannot wait on each other forever; under overload they wait for buffers instead of
-pinning more.  ``benchmarks/bench_server.py`` load-tests it against a pageable twin.
+A Starlette app on uvicorn serves a small MLP on the GPU through torch (or on the host backend's
+stand-in, ``_device.py``): ``POST /infer`` takes and answers raw float32 rows; ``GET /stats``.
+The lesson is ``handle_infer`` and ``infer``.  One pool buffer, for the body and the answer, is
+a request's admission ticket: the request waits for it (``--admit-timeout``, else ``503``), then
+reads its body straight into it, so a waiting connection costs no memory and the requests past
+admission, with their device tensors, are bounded by the cap.  ``infer`` copies the input to the
+device on a stream, runs the model, copies the answer back into the buffer and awaits
+``pool.synchronize(stream)`` without blocking the loop; no request holds a buffer while it waits
+for another.  Gone clients leave at once, stalled ones are dropped (``_http.py``).
 """
 
 from __future__ import annotations
@@ -22,17 +21,26 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from resource import RUSAGE_SELF, getrusage
 from typing import Any
 
 import anyio
 import uvicorn
 from _device import HostDevice, TorchDevice, make_weights, mlp_dims, open_device, pick_backend
+from _http import (
+    BodyError,
+    add_http_arguments,
+    cancelled_on_disconnect,
+    read_into,
+    refuse,
+    uvicorn_config,
+)
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aiopinned import PinnedPool
+from aiopinned import PinnedBuffer, PinnedPool
 
 
 @dataclass
@@ -45,28 +53,32 @@ class Server:
     counters: Counter[str] = field(default_factory=Counter)  # ok, rejected, client_gone, ...
 
 
-async def infer(server: Server, body: bytearray, rows: int) -> bytes:
-    pool, device, (d_in, *_, d_out) = server.pool, server.device, server.dims
+async def infer(server: Server, buf: PinnedBuffer, rows: int) -> bytes:
+    """The body is in ``buf``; the answer goes to the rest of it."""
+    device, (d_in, *_, d_out) = server.device, server.dims
     stream = random.choice(server.streams)
-    async with pool.buffer(len(body)) as inp:
-        inp.memoryview()[:] = body
-        x = device.to_device(stream, device.view(inp, "float32", (rows, d_in)))
-        inp.record_stream(stream)  # reused only once the copy to the device is done
-    y = device.mlp(stream, x, server.weights)
-    async with pool.buffer(rows * d_out * 4) as out:
-        device.to_host(stream, y, device.view(out, "float32", (rows, d_out)))
-        try:
-            await pool.synchronize(stream)
-        except BaseException:  # cancelled with the copy in flight: reuse the block after it
-            out.record_stream(stream)
-            raise
-        return bytes(out.memoryview())  # done: freed with no stream, the block is idle at once
+    both = device.view(buf, "float32", (rows * (d_in + d_out),))
+    inp, out = both[: rows * d_in].reshape(rows, d_in), both[rows * d_in :].reshape(rows, d_out)
+    try:
+        y = device.mlp(stream, device.to_device(stream, inp), server.weights)
+        device.to_host(stream, y, out)
+        del both, inp, out  # (no view may outlive the request, not even in a traceback)
+        await server.pool.synchronize(stream)
+    except BaseException:  # failed or cancelled with copies in flight: reuse the block after
+        buf.record_stream(stream)
+        raise
+    return bytes(buf.memoryview()[rows * d_in * 4 :])  # (freed with no stream: idle at once)
 
 
-Infer = Callable[[Server, bytearray, int], Awaitable[bytes]]
+async def admit(server: Server, nbytes: int, timeout: float) -> PinnedBuffer:
+    return await server.pool.allocate(nbytes, timeout=timeout)
 
 
-def create_app(args: argparse.Namespace, infer: Infer = infer) -> Starlette:
+Infer = Callable[[Server, Any, int], Awaitable[bytes]]
+Admit = Callable[[Server, int, float], Awaitable[Any]]
+
+
+def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = admit) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with PinnedPool(pick_backend(args.backend), max_bytes=args.max_bytes) as pool:
@@ -80,56 +92,41 @@ def create_app(args: argparse.Namespace, infer: Infer = infer) -> Starlette:
     async def handle_infer(request: Request) -> Response:
         server: Server = app.state.server
         c, (d_in, *_, d_out) = server.counters, server.dims
-        row, limit = 4 * d_in, args.max_bytes // (4 * max(d_in, d_out)) * 4 * d_in  # in+out fit
-        length, body = int(request.headers.get("content-length") or 0), bytearray()
-        try:
-            if length <= limit:
-                async for chunk in request.stream():  # bounded even without a Content-Length
-                    body += chunk
-                    if len(body) > limit:
-                        break
-        except ClientDisconnect:
-            c["client_gone"] += 1
-            return Response(status_code=499)
-        if max(length, len(body)) > limit:
-            c["rejected"] += 1
-            return Response(f"more rows than fit the cap (at most {limit // row})", 413)
-        if not body or len(body) % row:
-            c["rejected"] += 1
-            return Response(f"the body must be whole float32 rows of {row} bytes", 400)
-        c["in_flight"] += 1
-        try:
-            answer = await cancel_on_disconnect(request, infer(server, body, len(body) // row))
-        finally:
-            c["in_flight"] -= 1
-        c["ok" if answer is not None else "client_gone"] += 1
-        return Response(status_code=499) if answer is None else Response(answer)
+        row, rows = 4 * d_in, args.max_bytes // (4 * (d_in + d_out))  # rows whose in+out fit
+        length = request.headers.get("content-length", "")
+        n = int(length) if length.isdigit() else 0
+        if not 0 < n <= rows * row or n % row:
+            why = f"the body must be float32 rows of {row} bytes, 1 to at most {rows}"
+            return refuse(c, 413 if n > rows * row else 400 if length else 411, why)
+        with cancelled_on_disconnect(request) as scope:
+            try:  # the admission ticket: one buffer for the body and the answer
+                need = n // row * 4 * (d_in + d_out)
+                async with await admit(server, need, args.admit_timeout) as buf:
+                    await read_into(request, buf.memoryview()[:n], args.read_timeout)
+                    c["in_flight"] += 1
+                    try:
+                        answer = await infer(server, buf, n // row)
+                    finally:
+                        c["in_flight"] -= 1
+            except TimeoutError:  # no buffer in time
+                return refuse(c, 503, "busy: try again", **{"Retry-After": args.retry_after})
+            except BodyError as e:
+                return refuse(c, e.status, str(e))
+            except ClientDisconnect:
+                scope.cancel()
+        c["client_gone" if scope.cancel_called else "ok"] += 1
+        return Response(status_code=499) if scope.cancel_called else Response(answer)
 
     async def handle_stats(request: Request) -> Response:
         server: Server = app.state.server
         model = {"dims": server.dims, "seed": 0, "engine": server.device.name}
-        stats = server.pool.stats().as_dict()
-        return JSONResponse({"model": model, "pool": stats, "server": dict(server.counters)})
+        stats, peak_kib = server.pool.stats().as_dict(), getrusage(RUSAGE_SELF).ru_maxrss
+        counters = {**server.counters, "peak_rss_bytes": peak_kib * 1024}  # (KiB on Linux)
+        return JSONResponse({"model": model, "pool": stats, "server": counters})
 
     routes = [Route("/infer", handle_infer, methods=["POST"]), Route("/stats", handle_stats)]
     app = Starlette(routes=routes, lifespan=lifespan)
     return app
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[bytes]) -> bytes | None:
-    """``await work``, cancelled (``None``) if the client disconnects first."""
-    result = None
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:  # once the body is read, the next message is a disconnect
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        result = await work
-        tg.cancel_scope.cancel()
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,18 +138,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto")
     parser.add_argument("--dims", help="layer widths, e.g. 256,512,512,256 (default by device)")
     parser.add_argument("--streams", type=int, default=8, help="device streams")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--admit-timeout", type=float, default=5, help="wait, then 503")
+    add_http_arguments(parser)  # --read-timeout, --idle-timeout, --shutdown-timeout, --http
     args = parser.parse_args(argv)
     args.max_bytes = int(args.max_mib * (1 << 20))
     args.dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+    args.retry_after = str(max(1, round(args.admit_timeout)))
     if args.max_bytes < 1 or args.streams < 1 or (args.dims is not None and len(args.dims) < 2):
         parser.error("--max-mib must be > 0, --streams >= 1, and --dims two widths or more")
     return args
 
 
-def main(argv: list[str] | None = None, infer: Infer = infer) -> None:
+def main(argv: list[str] | None = None, infer: Infer = infer, admit: Admit = admit) -> None:
     args = parse_args(argv)
-    uvicorn.run(create_app(args, infer), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(args, infer, admit)
+    config = uvicorn_config(app, args, host=args.host, port=args.port)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
