@@ -219,41 +219,38 @@ def client_process(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(anyio.run(run))), flush=True)
 
 
-async def run_clients(
-    url: str,
-    *,
-    processes: int,
-    concurrency: int,
-    requests: int,
-    rows: int,
-    warmup: int,
-    payloads: str,
-) -> LoadReport:
-    """``run_load`` spread over client processes that start measuring together."""
+@dataclass
+class Group:
+    """Load-client processes that send bodies of one size (``payloads``, an ``.npz``)."""
+
+    processes: int
+    concurrency: int
+    requests: int
+    rows: int
+    warmup: int
+    payloads: str
+
+
+async def run_clients(url: str, groups: Sequence[Group]) -> list[LoadReport]:
+    """``run_load`` spread over client processes, one set per group, that start measuring
+    together; a report per group."""
     from anyio.streams.buffered import BufferedByteReceiveStream
 
-    def share(total: int, k: int) -> int:
-        return total * (k + 1) // processes - total * k // processes
+    def share(total: int, k: int, n: int) -> int:
+        return total * (k + 1) // n - total * k // n
 
-    procs = []
-    for k in range(processes):
-        c, r = share(concurrency, k), share(requests, k)
-        argv = [
-            "load",
-            "--url",
-            url,
-            "--concurrency",
-            str(c),
-            "--requests",
-            str(r),
-            "--rows",
-            str(rows),
-            "--warmup",
-            str(max(c, warmup * c // concurrency)),
-            "--payloads",
-            payloads,
-        ]
-        procs.append(await anyio.open_process([sys.executable, __file__, *argv], stderr=None))
+    procs, owner = [], []
+    for g, group in enumerate(groups):
+        for k in range(group.processes):
+            c, r = (
+                share(group.concurrency, k, group.processes),
+                share(group.requests, k, group.processes),
+            )
+            argv = ["load", "--url", url, "--concurrency", str(c), "--requests", str(r),
+                    "--rows", str(group.rows), "--payloads", group.payloads,
+                    "--warmup", str(max(c, group.warmup * c // group.concurrency))]  # fmt: skip
+            procs.append(await anyio.open_process([sys.executable, __file__, *argv], stderr=None))
+            owner.append(g)
     try:
         outs = [BufferedByteReceiveStream(p.stdout) for p in procs]  # type: ignore[arg-type]
         for out in outs:
@@ -268,9 +265,13 @@ async def run_clients(
                 await p.wait()
             if p.returncode is None:
                 p.kill()
-    latencies = [x for r in reports for x in r["latencies_ms"]]
-    seconds = max(r["seconds"] for r in reports)
-    return LoadReport(len(latencies), seconds, latencies, reports[0]["request_bytes"])
+    merged = []
+    for g in range(len(groups)):
+        mine = [r for r, o in zip(reports, owner, strict=True) if o == g]
+        latencies = [x for r in mine for x in r["latencies_ms"]]
+        seconds = max(r["seconds"] for r in mine)
+        merged.append(LoadReport(len(latencies), seconds, latencies, mine[0]["request_bytes"]))
+    return merged
 
 
 # -- servers --------------------------------------------------------------------------------------
@@ -346,67 +347,96 @@ async def server_process(memory: str, argv: list[str]) -> AsyncIterator[Running]
             await proc.wait()
 
 
+Round = dict[str, LoadReport]  # "uniform", "mixed small", "mixed large"
+
+
 async def bench(args: argparse.Namespace) -> None:
+    """Both servers run side by side; rounds alternate which goes first, and each round drives
+    each server with the uniform load, then the mixed one (small requests while large flow)."""
     import httpx
 
-    server_argv = ["--backend", args.backend, "--max-mib", str(args.max_mib)]
-    server_argv += ["--streams", str(args.streams), "--dims", ",".join(map(str, args.dims))]
-    results = {}
+    server_argv = ["--backend", args.backend, "--max-mib", str(args.max_mib), "--admit-timeout",
+                   "600", "--streams", str(args.streams), "--dims",
+                   ",".join(map(str, args.dims))]  # fmt: skip
+    rounds: dict[str, list[Round]] = {"pinned": [], "pageable": []}
     with tempfile.TemporaryDirectory(prefix="aiopinned-load-") as tmp:
-        payloads = os.path.join(tmp, "payloads.npz")
-        for memory in ("pinned", "pageable"):
-            async with (
-                server_process(memory, server_argv) as running,
-                httpx.AsyncClient(base_url=running.url) as client,
-            ):
-                url = running.url
-                model = (await client.get("/stats")).json()["model"]
-                if memory == "pinned":  # both servers get the same bodies
-                    await anyio.to_thread.run_sync(
-                        save_payloads, payloads, model["dims"], model["seed"], args.rows, 4
-                    )
-                report = await run_clients(
-                    url,
-                    processes=args.clients,
-                    concurrency=args.concurrency,
-                    requests=args.requests,
-                    rows=args.rows,
-                    warmup=args.warmup,
-                    payloads=payloads,
+        large, small = os.path.join(tmp, "large.npz"), os.path.join(tmp, "small.npz")
+        async with (
+            server_process("pinned", server_argv) as pinned,
+            server_process("pageable", server_argv) as pageable,
+            httpx.AsyncClient(base_url=pinned.url) as client,
+        ):
+            model = (await client.get("/stats")).json()["model"]
+            for path, rows in ((large, args.rows), (small, args.small_rows)):
+                await anyio.to_thread.run_sync(
+                    save_payloads, path, model["dims"], model["seed"], rows, 4
                 )
-                stats = (await client.get("/stats")).json()
-            results[memory] = (report, stats)
-            print(
-                f"{memory:>8}: {report.requests} requests checked, {report.rps:,.0f} req/s, "
-                f"p50 {report.pct(50):.2f} ms, p99 {report.pct(99):.2f} ms",
-                flush=True,
-            )
-    print_report(args, model, results)
+            uniform = Group(args.clients, args.concurrency, args.requests, args.rows, args.warmup,
+                            large)  # fmt: skip
+            small_clients = max(1, args.clients // 4)
+            mixed = [
+                Group(max(1, args.clients - small_clients), args.concurrency, args.requests,
+                      args.rows, args.warmup, large),
+                Group(small_clients, args.small_concurrency, args.small_requests,
+                      args.small_rows, args.small_concurrency, small),
+            ]  # fmt: skip
+            for r in range(args.rounds):
+                order = [("pinned", pinned), ("pageable", pageable)][:: 1 if r % 2 == 0 else -1]
+                for memory, running in order:
+                    (u,) = await run_clients(running.url, [uniform])
+                    big, little = await run_clients(running.url, mixed)
+                    rounds[memory].append({"uniform": u, "mixed small": little, "mixed large": big})
+                    print(f"round {r + 1} {memory:>8}: {u.requests} + {big.requests} + "
+                          f"{little.requests} answers checked; uniform {u.rps:,.0f} req/s, p99 "
+                          f"{u.pct(99):.1f} ms; mixed: small p99 {little.pct(99):.1f} ms, "
+                          f"large {big.rps:,.0f} req/s", flush=True)  # fmt: skip
+            stats = (await client.get("/stats")).json()
+    print_report(args, model, rounds, stats)
+
+
+def _span(values: Sequence[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
 
 
 def print_report(
-    args: argparse.Namespace, model: dict[str, Any], results: dict[str, tuple[LoadReport, Any]]
+    args: argparse.Namespace,
+    model: dict[str, Any],
+    rounds: dict[str, list[Round]],
+    stats: dict[str, Any],
 ) -> None:
-    (pin, stats), (page, _) = results["pinned"], results["pageable"]
-    pool, mb = stats["pool"], pin.request_bytes / MiB
-    many = "es" if args.clients > 1 else ""
+    pin, page = rounds["pinned"], rounds["pageable"]
+    pool, mb = stats["pool"], pin[0]["uniform"].request_bytes / MiB
     print(
         f"\n{model['engine']}, MLP {model['dims']}, {args.rows} rows = {mb:.2f} MiB in per "
-        f"request, {args.concurrency} connections from {args.clients} client process{many}, "
-        f"pool cap {args.max_mib} MiB"
+        f"request, {args.concurrency} connections from {args.clients} client processes, pool "
+        f"cap {args.max_mib} MiB; {args.rounds} rounds, alternating which server goes first "
+        f"(ranges over the rounds; ratios are per round)"
     )
     if "host" in model["engine"]:
         print(
             "(host backend: both servers stage in ordinary memory and no bus is crossed, so "
             "this compares the code paths only)"
         )
-    print(f"{'':>10} {'req/s':>9} {'MiB/s in':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, r in (("pinned", pin), ("pageable", page)):
-        print(f"{name:>10} {r.rps:>9,.0f} {r.rps * mb:>9,.0f} {r.pct(50):>8.2f} {r.pct(99):>8.2f}")
-    print(
-        f"{'ratio':>10} {pin.rps / page.rps:>8.2f}x {'':>9} {page.pct(50) / pin.pct(50):>7.2f}x "
-        f"{page.pct(99) / pin.pct(99):>7.2f}x   (pinned better when > 1)"
-    )
+    rows: list[tuple[str, str, Callable[[LoadReport], float], bool]] = [
+        ("uniform: req/s", "uniform", lambda r: r.rps, True),
+        ("uniform: p50 ms", "uniform", lambda r: r.pct(50), False),
+        ("uniform: p99 ms", "uniform", lambda r: r.pct(99), False),
+        (
+            f"mixed: small ({args.small_rows} rows) p99 ms",
+            "mixed small",
+            lambda r: r.pct(99),
+            False,
+        ),
+        ("mixed: large req/s", "mixed large", lambda r: r.rps, True),
+        ("mixed: small req/s", "mixed small", lambda r: r.rps, True),
+    ]
+    print(f"{'':>32} {'pinned':>14} {'pageable':>14} {'pinned better by':>17}")
+    for name, key, get, higher in rows:
+        ours, theirs = [get(x[key]) for x in pin], [get(x[key]) for x in page]
+        better = [a / b if higher else b / a for a, b in zip(ours, theirs, strict=True)]
+        print(f"{name:>32} {_span(ours, ',.1f'):>14} {_span(theirs, ',.1f'):>14} "
+              f"{_span(better, '.2f') + 'x':>17}")  # fmt: skip
     print(
         f"pool: peak reserved {pool['peak_reserved_bytes'] / MiB:.2f} of {args.max_mib} MiB, "
         f"{pool['num_host_alloc']} blocks pinned, {pool['cache_hits']:,} cache hits, "
@@ -447,6 +477,10 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="rows per request (default 256 on a GPU, 64 on the host)",
     )
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--small-rows", type=int, default=1, help="mixed load: small requests")
+    parser.add_argument("--small-concurrency", type=int, default=8)
+    parser.add_argument("--small-requests", type=int, default=0, help="default 100 a connection")
     parser.add_argument("--url", help="load: the server")
     parser.add_argument("--payloads", help="load: request bodies and answers (.npz)")
     args = parser.parse_args(argv)
@@ -472,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     args.requests = args.requests or (2000 if gpu else 400)
     args.warmup = args.concurrency * 4 if args.warmup is None else args.warmup
+    args.small_requests = args.small_requests or 100 * args.small_concurrency
     asyncio.run(bench(args))
 
 

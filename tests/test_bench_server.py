@@ -174,11 +174,16 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_benchmark_runs_both_servers_and_prints_the_ratio() -> None:
     out = run_bench("--backend", "host", "--requests", "60", "--concurrency", "4",
-                    "--clients", "2", "--max-mib", "1")  # fmt: skip
+                    "--clients", "2", "--max-mib", "1", "--rounds", "2",
+                    "--small-concurrency", "2", "--small-requests", "10")  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "pinned: 60 requests checked" in out.stdout
-    assert "pageable: 60 requests checked" in out.stdout
-    assert "ratio" in out.stdout and "0 bytes still held" in out.stdout
+    for line in ("round 1   pinned: 60 + 60 + 10 answers checked",
+                 "round 1 pageable: 60 + 60 + 10 answers checked",
+                 "round 2 pageable: 60 + 60 + 10 answers checked",
+                 "round 2   pinned: 60 + 60 + 10 answers checked"):  # fmt: skip
+        assert line in out.stdout
+    assert out.stdout.index("round 2 pageable") < out.stdout.index("round 2   pinned")
+    assert "mixed: small (1 rows) p99 ms" in out.stdout and "0 bytes still held" in out.stdout
 
 
 @pytest.mark.parametrize(
