@@ -104,6 +104,8 @@ def protocol(http: str = "auto") -> type[Any]:
 
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
     for name, default, what in (("read", 10.0, "wait for each part of a body, then 408"),
                                 ("idle", 5.0, "keep a silent connection open"),
                                 ("shutdown", 5, "finish requests on shutdown")):  # fmt: skip

@@ -7,10 +7,10 @@ stand-in, ``_device.py``): ``POST /infer`` takes and answers raw float32 rows; `
 The lesson is ``handle_infer`` and ``infer``.  One pool buffer, for the body and the answer, is
 a request's admission ticket: the request waits for it (``--admit-timeout``, else ``503``), then
 reads its body straight into it, so a waiting connection costs no memory and the requests past
-admission, with their device tensors, are bounded by the cap.  ``infer`` copies the input to the
-device on a stream, runs the model, copies the answer back into the buffer and awaits
-``pool.synchronize(stream)`` without blocking the loop; no request holds a buffer while it waits
-for another.  Gone clients leave at once, stalled ones are dropped (``_http.py``).
+admission, with their device tensors, are bounded by the cap.  Small requests have a pool of
+their own (``--lane-mib``), never queued behind large ones.  ``infer`` copies the input to the
+device, runs the model, copies the answer back into the buffer and awaits ``synchronize``
+without blocking the loop.  Gone clients leave at once, stalled ones are dropped (``_http.py``).
 """
 
 from __future__ import annotations
@@ -24,17 +24,10 @@ from dataclasses import dataclass, field
 from resource import RUSAGE_SELF, getrusage
 from typing import Any
 
+import _http
 import anyio
 import uvicorn
 from _device import HostDevice, TorchDevice, make_weights, mlp_dims, open_device, pick_backend
-from _http import (
-    BodyError,
-    add_http_arguments,
-    cancelled_on_disconnect,
-    read_into,
-    refuse,
-    uvicorn_config,
-)
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -46,6 +39,7 @@ from aiopinned import PinnedBuffer, PinnedPool
 @dataclass
 class Server:
     pool: PinnedPool
+    lane: PinnedPool  # small requests only, so that they never queue behind large ones
     device: HostDevice | TorchDevice
     dims: list[int]
     weights: Any
@@ -71,7 +65,8 @@ async def infer(server: Server, buf: PinnedBuffer, rows: int) -> bytes:
 
 
 async def admit(server: Server, nbytes: int, timeout: float) -> PinnedBuffer:
-    return await server.pool.allocate(nbytes, timeout=timeout)
+    pool = server.lane if nbytes <= (server.lane.max_bytes or 0) // 8 else server.pool
+    return await pool.allocate(nbytes, timeout=timeout)
 
 
 Infer = Callable[[Server, Any, int], Awaitable[bytes]]
@@ -81,12 +76,16 @@ Admit = Callable[[Server, int, float], Awaitable[Any]]
 def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = admit) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with PinnedPool(pick_backend(args.backend), max_bytes=args.max_bytes) as pool:
+        backend = pick_backend(args.backend)
+        async with (
+            PinnedPool(backend, max_bytes=args.max_bytes) as pool,
+            PinnedPool(backend, max_bytes=args.lane_bytes) as lane,
+        ):
             device = await anyio.to_thread.run_sync(open_device, pool.backend)
             dims = args.dims or mlp_dims(pool.backend)
             weights = await anyio.to_thread.run_sync(make_weights, dims, 0)
             streams = [device.stream() for _ in range(args.streams)]
-            app.state.server = Server(pool, device, dims, device.load(weights), streams)
+            app.state.server = Server(pool, lane, device, dims, device.load(weights), streams)
             yield
 
     async def handle_infer(request: Request) -> Response:
@@ -97,21 +96,21 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
         n = int(length) if length.isdigit() else 0
         if not 0 < n <= rows * row or n % row:
             why = f"the body must be float32 rows of {row} bytes, 1 to at most {rows}"
-            return refuse(c, 413 if n > rows * row else 400 if length else 411, why)
-        with cancelled_on_disconnect(request) as scope:
+            return _http.refuse(c, 413 if n > rows * row else 400 if length else 411, why)
+        with _http.cancelled_on_disconnect(request) as scope:
             try:  # the admission ticket: one buffer for the body and the answer
                 need = n // row * 4 * (d_in + d_out)
                 async with await admit(server, need, args.admit_timeout) as buf:
-                    await read_into(request, buf.memoryview()[:n], args.read_timeout)
+                    await _http.read_into(request, buf.memoryview()[:n], args.read_timeout)
                     c["in_flight"] += 1
                     try:
                         answer = await infer(server, buf, n // row)
                     finally:
                         c["in_flight"] -= 1
             except TimeoutError:  # no buffer in time
-                return refuse(c, 503, "busy: try again", **{"Retry-After": args.retry_after})
-            except BodyError as e:
-                return refuse(c, e.status, str(e))
+                return _http.refuse(c, 503, "busy: try again", **{"Retry-After": args.retry_after})
+            except _http.BodyError as e:
+                return _http.refuse(c, e.status, str(e))
             except ClientDisconnect:
                 scope.cancel()
         c["client_gone" if scope.cancel_called else "ok"] += 1
@@ -122,7 +121,8 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
         model = {"dims": server.dims, "seed": 0, "engine": server.device.name}
         stats, peak_kib = server.pool.stats().as_dict(), getrusage(RUSAGE_SELF).ru_maxrss
         counters = {**server.counters, "peak_rss_bytes": peak_kib * 1024}  # (KiB on Linux)
-        return JSONResponse({"model": model, "pool": stats, "server": counters})
+        lane = server.lane.stats().as_dict()
+        return JSONResponse({"model": model, "pool": stats, "lane": lane, "server": counters})
 
     routes = [Route("/infer", handle_infer, methods=["POST"]), Route("/stats", handle_stats)]
     app = Starlette(routes=routes, lifespan=lifespan)
@@ -132,19 +132,19 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", nargs="?", choices=["serve"], default="serve")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-mib", type=float, default=16, help="the pool's cap (MiB)")
+    parser.add_argument("--lane-mib", type=float, help="small requests' pool (max-mib / 16)")
     parser.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto")
     parser.add_argument("--dims", help="layer widths, e.g. 256,512,512,256 (default by device)")
     parser.add_argument("--streams", type=int, default=8, help="device streams")
     parser.add_argument("--admit-timeout", type=float, default=5, help="wait, then 503")
-    add_http_arguments(parser)  # --read-timeout, --idle-timeout, --shutdown-timeout, --http
+    _http.add_http_arguments(parser)  # --host, --port, timeouts, --http, --log-level
     args = parser.parse_args(argv)
     args.max_bytes = int(args.max_mib * (1 << 20))
+    args.lane_bytes = int((args.lane_mib or args.max_mib / 16) * (1 << 20))
     args.dims = [int(d) for d in args.dims.split(",")] if args.dims else None
     args.retry_after = str(max(1, round(args.admit_timeout)))
-    if args.max_bytes < 1 or args.streams < 1 or (args.dims is not None and len(args.dims) < 2):
+    if min(args.max_bytes, args.lane_bytes, args.streams) < 1 or len(args.dims or "ab") < 2:
         parser.error("--max-mib must be > 0, --streams >= 1, and --dims two widths or more")
     return args
 
@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, infer: Infer = infer, admit: Admit = admit) -> None:
     args = parse_args(argv)
     app = create_app(args, infer, admit)
-    config = uvicorn_config(app, args, host=args.host, port=args.port)
+    config = _http.uvicorn_config(app, args, host=args.host, port=args.port)
     uvicorn.Server(config).run()
 
 

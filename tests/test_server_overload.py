@@ -153,3 +153,26 @@ async def test_shutdown_with_requests_in_flight_ends_in_bounded_time() -> None:
         for _, writer in conns:
             writer.close()
     assert elapsed < 6, f"shutdown took {elapsed:.1f} s"
+
+
+async def test_small_requests_do_not_queue_behind_large_ones() -> None:
+    """The main pool is full and a large request waits for it; a small one is admitted at once
+    from the lane."""
+    async with bench_server.serving(argv(96, 2)) as (server, url):
+        large, _ = payload(256)  # 48 KiB with the answer: two fill the cap
+        small, expected = payload(1)  # 192 bytes with the answer: the lane's
+        with held_streams(server) as gate:
+            conns = [await open_raw(url) for _ in range(3)]
+            for _, writer in conns:
+                writer.write(head(len(large)) + large)
+            await until(lambda: server.counters["in_flight"] == 2 and server.pool.stats().waiters)
+            reader, writer = await open_raw(url)
+            writer.write(head(len(small)) + small)
+            await until(lambda: server.counters["in_flight"] == 3)  # past the waiting large one
+            assert server.pool.stats().waiters == 1 and server.lane.stats().active_requests == 1
+            gate.set()
+            status, _, answer = await read_answer(reader)
+            assert status == 200
+            bench_server.check_answer(answer, expected)
+            for _, w in [*conns, (reader, writer)]:
+                w.close()
