@@ -406,7 +406,7 @@ def print_report(
     stats: dict[str, Any],
 ) -> None:
     pin, page = rounds["pinned"], rounds["pageable"]
-    pool, mb = stats["pool"], pin[0]["uniform"].request_bytes / MiB
+    mb = pin[0]["uniform"].request_bytes / MiB
     print(
         f"\n{model['engine']}, MLP {model['dims']}, {args.rows} rows = {mb:.2f} MiB in per "
         f"request, {args.concurrency} connections from {args.clients} client processes, pool "
@@ -437,13 +437,15 @@ def print_report(
         better = [a / b if higher else b / a for a, b in zip(ours, theirs, strict=True)]
         print(f"{name:>32} {_span(ours, ',.1f'):>14} {_span(theirs, ',.1f'):>14} "
               f"{_span(better, '.2f') + 'x':>17}")  # fmt: skip
-    print(
-        f"pool: peak reserved {pool['peak_reserved_bytes'] / MiB:.2f} of {args.max_mib} MiB, "
-        f"{pool['num_host_alloc']} blocks pinned, {pool['cache_hits']:,} cache hits, "
-        f"{pool['num_waits']:,} requests waited for a buffer "
-        f"(longest {pool['wait_time_us_max'] / 1e3:.1f} ms), "
-        f"{pool['active_bytes']} bytes still held"
-    )
+    for name in ("pool", "lane"):
+        pool = stats[name]
+        print(
+            f"{name}: peak reserved {pool['peak_reserved_bytes'] / MiB:.2f} of "
+            f"{pool['max_bytes'] / MiB:.2f} MiB, {pool['num_host_alloc']} blocks pinned, "
+            f"{pool['cache_hits']:,} cache hits, {pool['num_waits']:,} requests waited for a "
+            f"buffer (longest {pool['wait_time_us_max'] / 1e3:.1f} ms), "
+            f"{pool['active_bytes']} bytes still held"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,7 +65,7 @@ async def infer(server: Server, buf: PinnedBuffer, rows: int) -> bytes:
 
 
 async def admit(server: Server, nbytes: int, timeout: float) -> PinnedBuffer:
-    pool = server.lane if nbytes <= (server.lane.max_bytes or 0) // 8 else server.pool
+    pool = server.lane if nbytes <= (server.lane.max_bytes or 0) // 16 else server.pool
     return await pool.allocate(nbytes, timeout=timeout)
 
 

@@ -183,7 +183,8 @@ def test_the_benchmark_runs_both_servers_and_prints_the_ratio() -> None:
                  "round 2   pinned: 60 + 60 + 10 answers checked"):  # fmt: skip
         assert line in out.stdout
     assert out.stdout.index("round 2 pageable") < out.stdout.index("round 2   pinned")
-    assert "mixed: small (1 rows) p99 ms" in out.stdout and "0 bytes still held" in out.stdout
+    assert "mixed: small (1 rows) p99 ms" in out.stdout and "lane: peak reserved" in out.stdout
+    assert out.stdout.count(" 0 bytes still held") == 2  # the pool and the lane
 
 
 @pytest.mark.parametrize(
