@@ -5,7 +5,7 @@ ready, so one stuck stream holds back every block behind it (PyTorch #183501: 90
 Here each stream has its own FIFO: events on one stream complete in order, so only the oldest
 event of each stream is ever worth checking, and a stuck stream holds back only its own blocks.
 
-How completion is seen, without polling the loop's ~1 ms timers:
+How completion is seen:
 
 * Each stream with pending events has a helper thread that blocks in the backend's
   ``synchronize(event)`` (``cudaEventSynchronize``, GIL released) on its events in order, then
@@ -13,10 +13,10 @@ How completion is seen, without polling the loop's ~1 ms timers:
   only if no wake-up is already on its way: one wake-up serves every event that completed
   meanwhile, on every stream.  The loop clears that flag *before* it drains the queue, so an
   event put after the drain always brings its own wake-up.
-* While events are pending, the loop also polls them every ``poll_s`` (a timer): on a busy
-  loop, a helper thread waits up to the interpreter's switch interval (5 ms) for the GIL before
-  it can post, while the loop reaches a due timer within one iteration.  On an idle loop the
-  timer fires at the loop's timer resolution (about 1 ms) and the helpers come first.
+* While events are pending, the loop also polls them every ``poll_s`` (a timer, 1 ms): a loop
+  kept busy with Python work starves the helper threads of the GIL (for seconds on the H200
+  host: it takes the GIL straight back after every ``select``), while it reaches a due timer
+  within one iteration.  On an idle loop the helpers come first.
 * With nothing pending, no timer is armed and helpers sleep on a queue (no CPU), then exit
   after ``idle_s``.
 * ``poll()`` (the seed's ``process_events``) drains every stream's completed head events at once.
