@@ -45,8 +45,9 @@ class FreeList:
         self.nbytes = 0
 
     def __len__(self) -> int:
-        """The idle blocks (counted, for stats: the hot paths keep no count)."""
-        return sum(map(len, self._by_size.values()))
+        """The idle blocks (counted, for stats: the hot paths keep no count).  ``list()`` copies
+        the lists in one step, so a stats scrape from another thread reads a consistent set."""
+        return sum(map(len, list(self._by_size.values())))
 
     def __bool__(self) -> bool:
         return self.nbytes > 0  # (every block has a size)

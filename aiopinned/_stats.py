@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from typing import Any
+
+#: upper bounds (seconds) of the histogram buckets of waits and pins; the last bucket is +Inf
+TIME_BUCKETS_S = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+_BOUNDS_US = [b * 1e6 for b in TIME_BUCKETS_S]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,10 @@ class PoolStats:
     num_waits: int
     wait_time_us_total: float
     wait_time_us_max: float
+    #: how many ended waits, and pins, took at most each bound of ``TIME_BUCKETS_S`` (and more
+    #: than the one before; the last count is for longer than the last bound)
+    wait_time_buckets: tuple[int, ...]
+    host_alloc_time_buckets: tuple[int, ...]
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a plain ``dict`` (ready for JSON)."""
@@ -57,17 +66,19 @@ class PoolStats:
 class Timing:
     """How many times something happened, and its total and longest durations (µs)."""
 
-    __slots__ = ("count", "max_us", "total_us")
+    __slots__ = ("buckets", "count", "max_us", "total_us")
 
     def __init__(self) -> None:
         self.count = 0
         self.total_us = 0.0
         self.max_us = 0.0
+        self.buckets = [0] * (len(_BOUNDS_US) + 1)
 
     def add(self, us: float, count: int = 1) -> None:
         self.count += count
         self.total_us += us
         self.max_us = max(self.max_us, us)
+        self.buckets[bisect_left(_BOUNDS_US, us)] += 1
 
 
 class Counters:
@@ -131,4 +142,6 @@ class Counters:
                 num_waits=waits.count,
                 wait_time_us_total=waits.total_us,
                 wait_time_us_max=waits.max_us,
+                wait_time_buckets=tuple(waits.buckets),
+                host_alloc_time_buckets=tuple(pins.buckets),
             )

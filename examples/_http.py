@@ -1,6 +1,6 @@
 """HTTP plumbing for the example server (not its lesson): dropping idle and stalled connections,
-reading a body into a buffer under a read timeout, and cancelling a request when its client
-leaves.
+reading a body into a buffer under a read timeout, cancelling a request when its client leaves,
+and the pools' Prometheus metrics (one process, or several workers in multiprocess mode).
 
 uvicorn drops a keep-alive connection that stays idle between requests (``timeout_keep_alive``),
 but holds forever a connection that never sends a request, or stops halfway through its headers.
@@ -17,14 +17,20 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
+
+from aiopinned import PinnedPool
+from aiopinned.metrics import MultiProcessPublisher, PoolCollector
 
 
 class Lost:
@@ -101,6 +107,30 @@ def protocol(http: str = "auto") -> type[Any]:
 
     Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
     return Guarded
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: the pools in ``app.state.pools`` (name -> pool) in Prometheus's text
+    format; in its multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``), every worker's figures."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        for name, pool in request.app.state.pools.items():
+            registry.register(PoolCollector(pool, name=name))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@contextlib.asynccontextmanager
+async def publishing(app: Any, pools: dict[str, PinnedPool]) -> AsyncIterator[None]:
+    """The ``pools`` that :func:`metrics` reports; in multiprocess mode, this worker's copied to
+    the shared files every second."""
+    app.state.pools = pools
+    async with contextlib.AsyncExitStack() as stack:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            for name, pool in pools.items():
+                await stack.enter_async_context(MultiProcessPublisher(pool, name=name))
+        yield
 
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:

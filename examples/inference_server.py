@@ -86,10 +86,11 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
             weights = await anyio.to_thread.run_sync(make_weights, dims, 0)
             streams = [device.stream() for _ in range(args.streams)]
             app.state.server = Server(pool, lane, device, dims, device.load(weights), streams)
-            yield
+            async with _http.publishing(app, {"main": pool, "lane": lane}):  # (/metrics)
+                yield
 
     async def handle_infer(request: Request) -> Response:
-        server: Server = app.state.server
+        server: Server = request.app.state.server
         c, (d_in, *_, d_out) = server.counters, server.dims
         row, rows = 4 * d_in, args.max_bytes // (4 * (d_in + d_out))  # rows whose in+out fit
         length = request.headers.get("content-length", "")
@@ -117,16 +118,15 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
         return Response(status_code=499) if scope.cancel_called else Response(answer)
 
     async def handle_stats(request: Request) -> Response:
-        server: Server = app.state.server
+        server: Server = request.app.state.server
         model = {"dims": server.dims, "seed": 0, "engine": server.device.name}
-        stats, peak_kib = server.pool.stats().as_dict(), getrusage(RUSAGE_SELF).ru_maxrss
-        counters = {**server.counters, "peak_rss_bytes": peak_kib * 1024}  # (KiB on Linux)
-        lane = server.lane.stats().as_dict()
-        return JSONResponse({"model": model, "pool": stats, "lane": lane, "server": counters})
+        peak = {"peak_rss_bytes": getrusage(RUSAGE_SELF).ru_maxrss * 1024}  # (KiB on Linux)
+        pools = {k: p.stats().as_dict() for k, p in (("pool", server.pool), ("lane", server.lane))}
+        return JSONResponse({"model": model, **pools, "server": {**server.counters, **peak}})
 
-    routes = [Route("/infer", handle_infer, methods=["POST"]), Route("/stats", handle_stats)]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    return app
+    routes = [Route("/infer", handle_infer, methods=["POST"]), Route("/stats", handle_stats),
+              Route("/metrics", _http.metrics)]  # fmt: skip
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -176,3 +176,24 @@ async def test_small_requests_do_not_queue_behind_large_ones() -> None:
             bench_server.check_answer(answer, expected)
             for _, w in [*conns, (reader, writer)]:
                 w.close()
+
+
+async def test_the_metrics_endpoint_reports_both_pools() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with bench_server.serving(argv(256, 2)) as (server, url):
+        body, expected = payload(4)  # 768 bytes with the answer: the lane's (up to 1 KiB)
+        async with httpx.AsyncClient(base_url=url) as client:
+            r = await client.post("/infer", content=body)
+            bench_server.check_answer(r.raise_for_status().content, expected)
+            text = (await client.get("/metrics")).raise_for_status().text
+    samples = {
+        (s.name, s.labels["pool"]): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if "pool" in s.labels
+    }
+    lane = server.lane.stats()
+    assert samples[("aiopinned_host_allocs_total", "lane")] == lane.num_host_alloc == 1
+    assert samples[("aiopinned_max_bytes", "main")] == 256 * 1024
+    assert samples[("aiopinned_active_bytes", "main")] == 0
