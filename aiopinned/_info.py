@@ -1,0 +1,182 @@
+"""``python -m aiopinned info``: what a deployment needs to know about this machine.
+
+The backend ``auto`` would choose and why; each CUDA device with its NUMA node; the driver's and
+the runtime's CUDA versions, cuda-bindings, torch and CuPy; transparent huge pages, the locked
+memory limit and the host's memory; and warnings, each with its fix.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import resource
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends._memory import default_threads
+
+
+@dataclass
+class Device:
+    index: int
+    name: str
+    pci_bus_id: str
+    #: the host NUMA node the device hangs off (``None``: the system reports none)
+    numa_node: int | None
+
+
+@dataclass
+class Info:
+    backend: str
+    why: str
+    devices: list[Device] = field(default_factory=list)
+    driver_cuda: str | None = None
+    runtime_cuda: str | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    thp: str | None = None
+    memlock_bytes: int | None = None  # None: unlimited
+    mem_total_bytes: int | None = None
+    mem_available_bytes: int | None = None
+    touch_threads: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def numa_node_of(pci_bus_id: str, sys_root: Path = Path("/sys")) -> int | None:
+    """The NUMA node of a PCI device (``0000:3b:00.0``), from sysfs; ``None`` where the system
+    reports none (``-1``, or no such file)."""
+    path = sys_root / "bus" / "pci" / "devices" / pci_bus_id.lower() / "numa_node"
+    try:
+        node = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return node if node >= 0 else None
+
+
+def thp_mode(sys_root: Path = Path("/sys")) -> str | None:
+    """The transparent-huge-page mode in force (``always``, ``madvise``, ``never``), or None."""
+    try:
+        text = (sys_root / "kernel" / "mm" / "transparent_hugepage" / "enabled").read_text()
+    except OSError:
+        return None
+    return next((w[1:-1] for w in text.split() if w.startswith("[")), None)
+
+
+def _meminfo(proc_root: Path = Path("/proc")) -> dict[str, int]:
+    out = {}
+    try:
+        for line in (proc_root / "meminfo").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def _cuda(info: Info) -> None:
+    from .backends.cuda import cuda_unusable_reason
+
+    reason = cuda_unusable_reason()
+    info.backend, info.why = ("cuda", "a CUDA device is usable") if reason is None else (
+        "host", f"no usable CUDA device: {reason}")  # fmt: skip
+    try:
+        from cuda.bindings import runtime as rt
+    except ImportError:
+        return
+    err, driver = rt.cudaDriverGetVersion()
+    if err == rt.cudaError_t.cudaSuccess and driver:
+        info.driver_cuda = _cuda_version(driver)
+    err, runtime = rt.cudaRuntimeGetVersion()
+    if err == rt.cudaError_t.cudaSuccess:
+        info.runtime_cuda = _cuda_version(runtime)
+    if reason is not None:
+        return
+    err, count = rt.cudaGetDeviceCount()
+    for i in range(count if err == rt.cudaError_t.cudaSuccess else 0):
+        err, prop = rt.cudaGetDeviceProperties(i)
+        name = prop.name.decode(errors="replace") if err == rt.cudaError_t.cudaSuccess else "?"
+        err, bus = rt.cudaDeviceGetPCIBusId(32, i)
+        bus_id = bus.decode().rstrip("\0") if err == rt.cudaError_t.cudaSuccess else "?"
+        info.devices.append(Device(i, name.rstrip("\0"), bus_id, numa_node_of(bus_id)))
+
+
+def gather() -> Info:
+    """Everything ``info`` prints (blocking: CUDA initializes)."""
+    info = Info(backend="host", why="")
+    _cuda(info)
+    info.versions = {d: _version(d) for d in ("aiopinned", "cuda-bindings", "torch", "cupy",
+                                              "cupy-cuda12x", "cupy-cuda13x")}  # fmt: skip
+    info.thp = thp_mode()
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    info.memlock_bytes = None if soft == resource.RLIM_INFINITY else soft
+    mem = _meminfo()
+    info.mem_total_bytes, info.mem_available_bytes = mem.get("MemTotal"), mem.get("MemAvailable")
+    info.touch_threads = default_threads()
+    info.warnings = advise(info)
+    return info
+
+
+def advise(info: Info) -> list[str]:
+    """What is wrong for pinned memory here, each with its fix."""
+    out = []
+    bindings = info.versions.get("cuda-bindings")
+    if info.driver_cuda is None:
+        out.append("no NVIDIA driver: pools use the host backend (no GPU, no pinning)")
+    elif bindings and int(info.driver_cuda.split(".")[0]) < int(bindings.split(".")[0]):
+        out.append(
+            f"driver CUDA {info.driver_cuda} with cuda-bindings {bindings}: install "
+            f"'aiopinned[cu{info.driver_cuda.split('.')[0]}]'"
+        )
+    if info.thp == "never":
+        out.append(
+            "transparent huge pages are off: pinning by registration touches 4 KiB pages and "
+            "runs several times slower (echo madvise > /sys/kernel/mm/transparent_hugepage/enabled)"
+        )
+    if info.backend == "cuda" and info.memlock_bytes is not None and info.memlock_bytes < 1 << 30:
+        out.append(
+            f"RLIMIT_MEMLOCK is {info.memlock_bytes} bytes: registration may be refused past it "
+            "(raise 'ulimit -l', or LimitMEMLOCK= in a systemd unit, or pinning='alloc')"
+        )
+    if info.devices and all(d.numa_node is None for d in info.devices):
+        out.append(
+            "the system reports no NUMA node for the GPUs (a single-node host, or a VM): "
+            "pinned memory is placed wherever the kernel puts it"
+        )
+    return out
+
+
+def render(info: Info) -> str:
+    gib = 1 << 30
+
+    def size(n: int | None) -> str:
+        return "unknown" if n is None else f"{n / gib:.1f} GiB"
+
+    lines = [f"backend (auto): {info.backend} ({info.why})"]
+    for d in info.devices:
+        node = "none reported" if d.numa_node is None else str(d.numa_node)
+        lines.append(f"  cuda:{d.index} {d.name}  pci {d.pci_bus_id}  numa node {node}")
+    lines.append(f"CUDA: driver {info.driver_cuda or 'none'}, runtime {info.runtime_cuda or '-'}")
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items() if v))
+    lines.append(f"transparent huge pages: {info.thp or 'unknown'}")
+    memlock = "unlimited" if info.memlock_bytes is None else f"{info.memlock_bytes} bytes"
+    lines.append(f"RLIMIT_MEMLOCK: {memlock}")
+    lines.append(f"memory: {size(info.mem_total_bytes)} total, "
+                 f"{size(info.mem_available_bytes)} available")  # fmt: skip
+    lines.append(f"touch threads (pin_threads default): {info.touch_threads}")
+    lines += [f"warning: {w}" for w in info.warnings] or ["no warnings"]
+    return "\n".join(lines)
