@@ -1,0 +1,226 @@
+"""``python -m aiopinned bench``: the core figures on this machine, against torch where present.
+
+Cache hit, pinning and releasing, copy bandwidth (CUDA with torch) and wake latency, each with
+its peer measured in the same run.  ``--quick`` keeps it to seconds.  ``benchmarks/`` holds the
+fuller comparisons.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._pool import PinnedPool
+from .backends import HostStream
+
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: float
+    unit: str
+    #: ours / the peer's (``None``: no peer here)
+    ratio: float | None = None
+    peer: str | None = None
+
+
+@dataclass
+class Report:
+    backend: str
+    rows: list[Row] = field(default_factory=list)
+    #: wake latencies (µs) and pin times by size (bytes -> seconds), for ``--plot``
+    wake_us: list[float] = field(default_factory=list)
+    pin_s: dict[int, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextmanager
+def step(title: str) -> Iterator[None]:
+    """A line on stderr per step, with how long it took (the steps take seconds)."""
+    print(f"  {title} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _per_call_us(fn: Callable[[], object], n: int, samples: int) -> float:
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(times)
+
+
+async def run(quick: bool) -> Report:
+    hits, samples = (2000, 5) if quick else (20000, 7)
+    pin_sizes = [16 * MiB, 64 * MiB, 256 * MiB] if quick else [64 * MiB, 256 * MiB, 1024 * MiB]
+    async with PinnedPool() as pool:
+        report = Report(pool.backend)
+        torch = _torch() if pool.backend == "cuda" else None
+        with step(f"cache hit, {samples} x {hits}"):
+            await _hits(pool, torch, hits, samples, report)
+        with step(f"pinning and releasing {', '.join(f'{s // MiB} MiB' for s in pin_sizes)}"):
+            await _pins(pool.backend, torch, pin_sizes, report)
+        if torch is not None:
+            with step("copy bandwidth, 64 MiB"):
+                await _copies(pool, torch, report)
+        with step(f"wake latency, {50 if quick else 300} rounds"):
+            await _wake(torch, 50 if quick else 300, report)
+    return report
+
+
+async def _hits(pool: PinnedPool, torch: Any, n: int, samples: int, report: Report) -> None:
+    (await pool.allocate(MiB)).free()
+    t0 = time.perf_counter()
+    for _ in range(n * samples):
+        (await pool.allocate(MiB)).free()
+    awaited = (time.perf_counter() - t0) / (n * samples) * 1e6
+    nowait = _per_call_us(lambda: pool.allocate_nowait(MiB).free(), n, samples)
+    peer = None
+    if torch is not None:
+        torch.empty(MiB, dtype=torch.uint8, pin_memory=True)
+        peer = _per_call_us(
+            lambda: torch.empty(MiB, dtype=torch.uint8, pin_memory=True), n, samples
+        )
+    for name, us in (("await allocate + free", awaited), ("allocate_nowait + free", nowait)):
+        ratio = us / peer if peer else None
+        report.rows.append(
+            Row("cache hit, 1 MiB", name, us, "us", ratio, "torch" if peer else None)
+        )
+    if peer:
+        report.rows.append(Row("cache hit, 1 MiB", "torch.empty(pin_memory=True)", peer, "us"))
+
+
+async def _pins(backend: str, torch: Any, sizes: list[int], report: Report) -> None:
+    for size in sizes:
+        async with PinnedPool(backend) as fresh:
+            t0 = time.perf_counter()
+            buf = await fresh.allocate(size)
+            t1 = time.perf_counter()
+            buf.free()
+            await fresh.empty_cache()
+            t2 = time.perf_counter()
+        report.pin_s[size] = t1 - t0
+        pin_peer = release_peer = None
+        if torch is not None:
+            torch._C._host_emptyCache()
+            p0 = time.perf_counter()
+            tensor = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            p1 = time.perf_counter()
+            del tensor
+            torch._C._host_emptyCache()
+            pin_peer, release_peer = p1 - p0, time.perf_counter() - p1
+        section = f"pin and release, {size // MiB} MiB"
+        for name, ours, theirs in (("pin", t1 - t0, pin_peer), ("release", t2 - t1, release_peer)):
+            ratio = ours / theirs if theirs else None
+            report.rows.append(
+                Row(section, name, ours * 1e3, "ms", ratio, "torch" if theirs else None)
+            )
+
+
+async def _copies(pool: PinnedPool, torch: Any, report: Report) -> None:
+    n = 64 * MiB
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    ref = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    buf = await pool.allocate(n)
+    ours = buf.torch()
+
+    def gbps(host: Any, to_device: bool) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            (
+                dev.copy_(host, non_blocking=True)
+                if to_device
+                else host.copy_(dev, non_blocking=True)
+            )
+        torch.cuda.synchronize()
+        return 10 * n / (time.perf_counter() - t0) / 1e9
+
+    for to_device, name in ((True, "host->device"), (False, "device->host")):
+        gbps(ours, to_device)
+        a, b = gbps(ours, to_device), gbps(ref, to_device)
+        report.rows.append(Row("copy, 64 MiB", name, a, "GB/s", a / b, "torch pinned"))
+    del ours
+    buf.free()
+
+
+async def _wake(torch: Any, rounds: int, report: Report) -> None:
+    """Copy end (or, on the host backend, the stream's own timestamp) to the waiter running."""
+    async with PinnedPool("cuda" if torch is not None else "host", max_bytes=MiB) as pool:
+        stream = torch.cuda.Stream() if torch is not None else HostStream()
+        for i in range(rounds + 5):
+            held = await pool.allocate(MiB)
+            ended: list[float] = []
+            if torch is not None:  # the end on the host clock: launch time + the GPU's own time
+                start, done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                stream.synchronize()
+                with torch.cuda.stream(stream):
+                    t_launch = time.perf_counter()
+                    start.record()
+                    torch.cuda._sleep(1_000_000)
+                    done.record()
+            else:
+                stream.launch(time.sleep, 0.001)
+                stream.launch(lambda stamps=ended: stamps.append(time.perf_counter()))
+            held.record_stream(stream)
+            held.free()
+            (await pool.allocate(MiB)).free()  # waits for the block: the work above
+            now = time.perf_counter()
+            if torch is not None:
+                done.synchronize()
+                ended.append(t_launch + start.elapsed_time(done) / 1e3)
+            if i >= 5:
+                report.wake_us.append((now - ended[0]) * 1e6)
+    xs = sorted(report.wake_us)
+    for name, v in (("median", statistics.median(xs)), ("p99", xs[int(0.99 * (len(xs) - 1))])):
+        report.rows.append(Row("wake latency", name, v, "us"))
+
+
+def render(report: Report) -> str:
+    lines, section = [f"backend: {report.backend}"], None
+    for row in report.rows:
+        if row.section != section:
+            section = row.section
+            lines.append(f"\n{section}")
+        ratio = f"{row.ratio:.2f}x of {row.peer}" if row.ratio is not None else ""
+        lines.append(f"  {row.name:<32} {row.value:>10.2f} {row.unit:<5} {ratio}")
+    return "\n".join(lines)
+
+
+def plot(report: Report, path: str) -> None:
+    try:
+        import matplotlib  # type: ignore[import-not-found]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    fig, (wake, pin) = plt.subplots(1, 2, figsize=(10, 4))
+    wake.hist(report.wake_us, bins=30)
+    wake.set(title="wake latency", xlabel="µs from copy end to waiter", ylabel="rounds")
+    sizes = sorted(report.pin_s)
+    pin.plot([s / MiB for s in sizes], [report.pin_s[s] * 1e3 for s in sizes], marker="o")
+    pin.set(title="pinning through the pool", xlabel="MiB", ylabel="ms")
+    fig.tight_layout()
+    fig.savefig(path)

@@ -1,0 +1,41 @@
+"""python -m aiopinned bench: the core figures, as a table or JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aiopinned", "bench", "--quick", *args],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
+def test_quick_bench_reports_every_section_as_json() -> None:
+    out = bench("--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    sections = {row["section"] for row in report["rows"]}
+    assert {"cache hit, 1 MiB", "wake latency"} <= sections
+    assert {f"pin and release, {m} MiB" for m in (16, 64, 256)} <= sections
+    assert all(row["value"] > 0 for row in report["rows"])
+    assert len(report["wake_us"]) == 50 and len(report["pin_s"]) == 3
+    assert "cache hit" in out.stderr and "wake latency" in out.stderr  # the steps, as they run
+    if report["backend"] == "cuda":
+        assert any(row["peer"] == "torch" for row in report["rows"])
+
+
+def test_the_table_and_the_plot(tmp_path: Path) -> None:
+    target = tmp_path / "bench.png"
+    out = bench("--plot", str(target))
+    assert out.stdout.startswith("backend: ") and "wake latency" in out.stdout  # (printed first)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert out.returncode == 1 and "--plot needs matplotlib" in out.stderr
+        pytest.skip("matplotlib is not installed: the message is checked, not the drawing")
+    assert out.returncode == 0, out.stderr
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
