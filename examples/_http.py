@@ -51,7 +51,7 @@ class Lost:
 @contextlib.contextmanager
 def cancelled_on_disconnect(request: Request) -> Iterator[anyio.CancelScope]:
     """A cancel scope cancelled the moment the client's connection is lost, whatever the
-    request is waiting for (a buffer, its body, the device); ``cancelled_caught`` says so after.
+    request is waiting for (a buffer, its body, the device); ``cancel_called`` says so after.
     Served by another protocol than :func:`protocol`'s, it is never cancelled."""
     lost: Lost = request.scope.get(Lost.KEY) or Lost()
     with anyio.CancelScope() as scope:
