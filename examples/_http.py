@@ -17,7 +17,9 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -72,11 +74,29 @@ class BodyError(Exception):
         self.status = status
 
 
+_GUARDED: dict[str, type[Any]] = {}
+
+
+def __getattr__(name: str) -> type[Any]:
+    """``GuardedH11Protocol`` / ``GuardedHttpToolsProtocol`` by name, so that uvicorn's worker
+    processes can import (and unpickle) the protocol their config names."""
+    for http in ("h11", "httptools"):
+        if name == protocol(http).__name__:
+            return protocol(http)
+    raise AttributeError(name)
+
+
 def protocol(http: str = "auto") -> type[Any]:
     """uvicorn's ``h11`` or ``httptools`` protocol (``auto``: httptools when installed), with
     idle connections dropped before a request as well as between requests."""
     if http == "auto":
         http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    if http not in _GUARDED:
+        _GUARDED[http] = _guarded(http)
+    return _GUARDED[http]
+
+
+def _guarded(http: str) -> type[Any]:
     module, name = (("h11_impl", "H11Protocol"), ("httptools_impl", "HttpToolsProtocol"))[
         http == "httptools"]  # fmt: skip
     base: Any = getattr(importlib.import_module(f"uvicorn.protocols.http.{module}"), name)
@@ -134,6 +154,7 @@ async def publishing(app: Any, pools: dict[str, PinnedPool]) -> AsyncIterator[No
 
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mode", nargs="?", choices=["serve"], default="serve")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     for name, default, what in (("read", 10.0, "wait for each part of a body, then 408"),
@@ -142,13 +163,46 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}-timeout", type=type(default), default=default, help=what)
     parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--workers", type=_at_least_one, default=1, help="processes, a pool each")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return int(text)
+
+
+def _uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"http": protocol(args.http), "timeout_keep_alive": args.idle_timeout,
+            "timeout_graceful_shutdown": args.shutdown_timeout,
+            "log_level": args.log_level}  # fmt: skip
 
 
 def uvicorn_config(app: Any, args: argparse.Namespace, **kw: Any) -> uvicorn.Config:
     """uvicorn's config for ``app``: the guarded protocol and the timeouts of ``args``."""
-    return uvicorn.Config(app, http=protocol(args.http), timeout_keep_alive=args.idle_timeout,
-                          timeout_graceful_shutdown=args.shutdown_timeout,
-                          **{"log_level": args.log_level, **kw})  # fmt: skip
+    return uvicorn.Config(app, **{**_uvicorn_options(args), **kw})
+
+
+ARGV_ENV = "AIOPINNED_EXAMPLE_ARGV"
+
+
+def serve(
+    args: argparse.Namespace, argv: list[str] | None, make_app: Callable[[], Any], factory: str
+) -> None:
+    """Serve ``make_app()`` under uvicorn until Ctrl-C; with ``--workers N``, N processes that
+    each build their own app (and pools) with ``factory`` (``"module:function"``), which reads
+    the command line from the environment (``ARGV_ENV``)."""
+    options = {**_uvicorn_options(args), "host": args.host, "port": args.port}
+    if args.workers == 1:
+        uvicorn.Server(uvicorn.Config(make_app(), **options)).run()
+        return
+    os.environ[ARGV_ENV] = json.dumps(sys.argv[1:] if argv is None else argv)
+    uvicorn.run(factory, factory=True, workers=args.workers, **options)
+
+
+def argv_from_env() -> list[str]:
+    """A worker's command line (see :func:`serve`)."""
+    return list(json.loads(os.environ[ARGV_ENV]))
 
 
 def refuse(counters: Counter[str], status: int, why: str, **headers: str) -> Response:

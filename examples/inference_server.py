@@ -26,7 +26,6 @@ from typing import Any
 
 import _http
 import anyio
-import uvicorn
 from _device import HostDevice, TorchDevice, make_weights, mlp_dims, open_device, pick_backend
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -131,17 +130,16 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", choices=["serve"], default="serve")
     parser.add_argument("--max-mib", type=float, default=16, help="the pool's cap (MiB)")
     parser.add_argument("--lane-mib", type=float, help="small requests' pool (max-mib / 16)")
     parser.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto")
     parser.add_argument("--dims", help="layer widths, e.g. 256,512,512,256 (default by device)")
     parser.add_argument("--streams", type=int, default=8, help="device streams")
     parser.add_argument("--admit-timeout", type=float, default=5, help="wait, then 503")
-    _http.add_http_arguments(parser)  # --host, --port, timeouts, --http, --log-level
+    _http.add_http_arguments(parser)  # serve, --host, --port, timeouts, --http, --workers
     args = parser.parse_args(argv)
-    args.max_bytes = int(args.max_mib * (1 << 20))
-    args.lane_bytes = int((args.lane_mib or args.max_mib / 16) * (1 << 20))
+    args.max_bytes = int(args.max_mib * (1 << 20) / args.workers)  # each worker's share
+    args.lane_bytes = int((args.lane_mib or args.max_mib / 16) * (1 << 20) / args.workers)
     args.dims = [int(d) for d in args.dims.split(",")] if args.dims else None
     args.retry_after = str(max(1, round(args.admit_timeout)))
     if min(args.max_bytes, args.lane_bytes, args.streams) < 1 or len(args.dims or "ab") < 2:
@@ -151,9 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, infer: Infer = infer, admit: Admit = admit) -> None:
     args = parse_args(argv)
-    app = create_app(args, infer, admit)
-    config = _http.uvicorn_config(app, args, host=args.host, port=args.port)
-    uvicorn.Server(config).run()
+    _http.serve(args, argv, lambda: create_app(args, infer, admit), "inference_server:from_env")
+
+
+def from_env() -> Starlette:  # each worker's app, with --workers N
+    return create_app(parse_args(_http.argv_from_env()))
 
 
 if __name__ == "__main__":

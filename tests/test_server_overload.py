@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import anyio
 import httpx
@@ -165,7 +166,9 @@ async def test_small_requests_do_not_queue_behind_large_ones() -> None:
             conns = [await open_raw(url) for _ in range(3)]
             for _, writer in conns:
                 writer.write(head(len(large)) + large)
-            await until(lambda: server.counters["in_flight"] == 2 and server.pool.stats().waiters)
+            await until(
+                lambda: server.counters["in_flight"] == 2 and server.pool.stats().waiters > 0
+            )
             reader, writer = await open_raw(url)
             writer.write(head(len(small)) + small)
             await until(lambda: server.counters["in_flight"] == 3)  # past the waiting large one
@@ -197,3 +200,45 @@ async def test_the_metrics_endpoint_reports_both_pools() -> None:
     assert samples[("aiopinned_host_allocs_total", "lane")] == lane.num_host_alloc == 1
     assert samples[("aiopinned_max_bytes", "main")] == 256 * 1024
     assert samples[("aiopinned_active_bytes", "main")] == 0
+
+
+async def test_worker_processes_share_the_budget_and_their_metrics_add_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--workers 2``: two processes, a pool each with half of ``--max-mib``; in
+    prometheus_client's multiprocess mode ``/metrics`` (served by either) adds them up."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    args = [*argv(1024, 2), "--workers", "2"]
+    body, expected = payload(64)  # 12 KiB with the answer: the main pools'
+    async with (
+        bench_server.server_process("pinned", args) as running,
+        httpx.AsyncClient(base_url=running.url) as client,
+    ):
+        for _ in range(20):
+            r = await client.post("/infer", content=body)
+            bench_server.check_answer(r.raise_for_status().content, expected)
+        stats = (await client.get("/stats")).json()  # (one worker's)
+        assert stats["pool"]["max_bytes"] == 512 * 1024  # half of the budget
+
+        async def main_pool() -> dict[str, float]:
+            text = (await client.get("/metrics")).raise_for_status().text
+            return {
+                s.name: s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.labels.get("pool") == "main"
+            }
+
+        got: dict[str, float] = {}
+        for _ in range(100):  # each worker publishes every second
+            got = await main_pool()
+            allocations = got.get("aiopinned_cache_hits_total", 0) + got.get(
+                "aiopinned_cache_misses_total", 0
+            )
+            if allocations == 20:
+                break
+            await anyio.sleep(0.1)
+    assert got["aiopinned_max_bytes"] == 1024 * 1024  # both workers' shares
+    assert got["aiopinned_active_bytes"] == 0
