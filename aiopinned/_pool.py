@@ -46,9 +46,11 @@ class PinnedPool:
         max_bytes: cap on pinned bytes (``None``: none); under it, ``allocate`` waits instead.
         spin_s: opt-in: also poll events on the loop this long while callers wait (the README).
         scrub: zero each block a buffer gives back before anyone else gets it (multi-tenant).
-        pinning, pin_threads: how new blocks are pinned, ``"auto"``/``"register"``/``"alloc"``.
+        pinning: how new blocks are pinned, ``"auto"``/``"register"``/``"alloc"``.
+        pin_threads: threads that fault new pages in (default one per core, up to 16).
         rounding: ``"fine"`` (four size classes per doubling) or ``"pow2"`` (the seed's rule).
-        max_idle_bytes, idle_timeout_s: unpin idle blocks past these, off the loop (None: keep).
+        max_idle_bytes: unpin the oldest idle blocks past this many idle bytes (None: keep).
+        idle_timeout_s: unpin blocks idle for longer than this, off the loop (None: keep).
     """
 
     def __init__(
@@ -306,14 +308,10 @@ class PinnedPool:
         return self._state >= _CLOSING
 
     def stats(self) -> PoolStats:
-        """A frozen snapshot of the pool's counters."""
-        return self._counts.snapshot(
-            backend=self.backend,
-            max_bytes=self._max_bytes,
-            pending_events=0 if self._rt is NOT_OPEN else len(self._rt.watcher),
-            waiters=len(self._lot),
-            **self._cache.gauges(),
-        )
+        """A frozen snapshot of the pool's counters; safe from any thread (a metrics scrape)."""
+        pending = 0 if self._rt is NOT_OPEN else len(self._rt.watcher)
+        return self._counts.snapshot(backend=self.backend, max_bytes=self._max_bytes,
+            pending_events=pending, waiters=len(self._lot), **self._cache.gauges())  # fmt: skip
 
     def __repr__(self) -> str:
         s, state = self.stats(), ("new", "open", "closing", "closed")[self._state]
