@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends._memory import default_threads
+from .backends._numa import node_of_pci as numa_node_of
 
 
 @dataclass
@@ -53,17 +54,6 @@ def _version(dist: str) -> str | None:
 
 def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"
-
-
-def numa_node_of(pci_bus_id: str, sys_root: Path = Path("/sys")) -> int | None:
-    """The NUMA node of a PCI device (``0000:3b:00.0``), from sysfs; ``None`` where the system
-    reports none (``-1``, or no such file)."""
-    path = sys_root / "bus" / "pci" / "devices" / pci_bus_id.lower() / "numa_node"
-    try:
-        node = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return node if node >= 0 else None
 
 
 def thp_mode(sys_root: Path = Path("/sys")) -> str | None:

@@ -51,6 +51,7 @@ class PinnedPool:
         rounding: ``"fine"`` (four size classes per doubling) or ``"pow2"`` (the seed's rule).
         max_idle_bytes: unpin the oldest idle blocks past this many idle bytes (None: keep).
         idle_timeout_s: unpin blocks idle for longer than this, off the loop (None: keep).
+        numa_node: put new blocks on this NUMA node; ``"auto"``: the device's (None: the kernel's).
     """
 
     def __init__(
@@ -65,9 +66,10 @@ class PinnedPool:
         rounding: str = "fine",
         max_idle_bytes: int | None = None,
         idle_timeout_s: float | None = None,
+        numa_node: int | str | None = None,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
-        self._spec = (check.as_backend(backend), check.as_pinning(pinning, pin_threads))
+        self._spec = (check.as_backend(backend), check.as_pinning(pinning, pin_threads, numa_node))
         self._max_bytes = check.as_max_bytes(max_bytes)
         self._spin_s = check.as_seconds(spin_s, "spin_s")
         self._scrub = check.as_flag(scrub, "scrub")

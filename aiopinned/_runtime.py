@@ -32,7 +32,10 @@ class Runtime:
 
     @classmethod
     async def start(
-        cls, spec: str | Backend, pinning: tuple[str, int | None], counters: Counters
+        cls,
+        spec: str | Backend,
+        pinning: tuple[str, int | None, int | str | None],
+        counters: Counters,
     ) -> Runtime:
         """Bind to the running loop and make the backend (off the loop: CUDA starts here)."""
         port = LoopPort()

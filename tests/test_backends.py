@@ -255,6 +255,7 @@ def test_refused_registration_falls_back_once_or_names_its_cause(
     monkeypatch.setattr(cuda, "rt", fake)
     backend = object.__new__(cuda.CudaBackend)  # (no device here: only the memory paths)
     backend.pinning, backend._threads, backend._registered = mode, 1, {}
+    backend.numa_node = None
     backend._lock = threading.Lock()
     if mode == "register":
         with pytest.raises(PinnedMemoryError, match="RLIMIT_MEMLOCK"):

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import platform
 import re
 import threading
 from typing import Any
@@ -27,11 +28,16 @@ HUGE_PAGE = 2 << 20
 PARALLEL_TOUCH_BYTES = 64 << 20
 _RESIDENT = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte says resident
 
+#: ``mbind`` has no wrapper in glibc (libnuma has one): the system call, by number
+_SYS_MBIND = {"x86_64": 237, "aarch64": 235}.get(platform.machine())
+_MPOL_PREFERRED = 1
+
 try:
-    _mincore: Any = ctypes.CDLL(None, use_errno=True).mincore
+    _libc: Any = ctypes.CDLL(None, use_errno=True)
+    _mincore: Any = _libc.mincore
     _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 except (OSError, AttributeError):  # pragma: no cover - not Linux or no mincore
-    _mincore = None
+    _libc = _mincore = None
 
 
 def default_threads() -> int:
@@ -45,7 +51,7 @@ class Mapped:
 
     __slots__ = ("map", "ptr", "size")
 
-    def __init__(self, size: int, threads: int) -> None:
+    def __init__(self, size: int, threads: int, numa_node: int | None = None) -> None:
         try:
             self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError, ValueError) as exc:
@@ -59,10 +65,30 @@ class Mapped:
         self.ptr = ctypes.addressof(anchor)
         del anchor  # release the buffer export, so that close() may unmap later
         self.size = size
+        if numa_node is not None:
+            try:
+                place(self.ptr, size, numa_node)  # before the first touch, which places pages
+            except PinnedMemoryError:
+                self.map.close()
+                raise
         fault_in(self.ptr, size, threads, huge=huge)
 
     def close(self) -> None:
         self.map.close()
+
+
+def place(ptr: int, size: int, node: int) -> None:
+    """Ask the kernel to put the pages of ``[ptr, ptr + size)`` on NUMA node ``node``
+    (``mbind``, preferred: where that node is full, the kernel falls back to others)."""
+    if _SYS_MBIND is None or _libc is None:
+        raise PinnedMemoryError(f"NUMA placement is not supported on {platform.machine()}")
+    mask = (ctypes.c_ulong * (node // 64 + 1))()
+    mask[node // 64] = 1 << (node % 64)
+    maxnode = ctypes.c_ulong(len(mask) * 64 + 1)
+    if _libc.syscall(_SYS_MBIND, ctypes.c_void_p(ptr), ctypes.c_ulong(size), _MPOL_PREFERRED,
+                     mask, maxnode, 0) != 0:  # fmt: skip
+        err = ctypes.get_errno()
+        raise PinnedMemoryError(f"could not place memory on NUMA node {node}: {os.strerror(err)}")
 
 
 def fault_in(ptr: int, size: int, threads: int, *, huge: bool) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import CudaError, PinnedMemoryError
 from ._memory import PINNING_MODES, Mapped, default_threads
+from ._numa import resolve
 
 __all__ = ["CudaBackend", "cuda_unusable_reason"]
 
@@ -109,6 +110,19 @@ def _stream_handle(stream: Any) -> int:
     return handle
 
 
+def _current_device() -> tuple[str | None, str]:
+    """The current device's PCI address (``None`` if the driver will not say), and its name."""
+    device = int(_check(rt.cudaGetDevice(), "cudaGetDevice"))
+    try:
+        bus = _check(rt.cudaDeviceGetPCIBusId(32, device), "cudaDeviceGetPCIBusId")
+    except CudaError as exc:
+        log.warning("aiopinned: no PCI address for cuda:%d (%s)", device, exc)
+        return None, f"cuda:{device}"
+    text = bus.decode() if isinstance(bus, (bytes, bytearray)) else str(bus)
+    bus_id = text.split("\0")[0].strip()
+    return bus_id, f"cuda:{device} ({bus_id})"
+
+
 class _Event:
     __slots__ = ("device", "handle")
 
@@ -122,7 +136,9 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, pinning: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, pinning: str = "auto", threads: int | None = None, numa_node: int | str | None = None
+    ) -> None:
         if pinning not in PINNING_MODES:
             raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
         self.pinning = pinning
@@ -133,6 +149,9 @@ class CudaBackend:
             raise CudaError(f"the cuda backend is not usable: {reason}")
         self._ndev = int(_check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount"))
         _check(rt.cudaFree(0), "cudaFree(0)")  # create the primary context now, off the loop
+        #: the NUMA node new blocks are placed on (None: the kernel's choice)
+        where = _current_device() if numa_node == "auto" else (None, "cuda")
+        self.numa_node = resolve(numa_node, *where)
         self._events: dict[int, list[_Event]] = {}
         self._closed = False
         self._lock = threading.Lock()  # the event lists are touched from the loop and the closer
@@ -154,7 +173,7 @@ class CudaBackend:
         return int(ptr)
 
     def _register(self, size: int) -> int:
-        mapped = Mapped(size, self._threads)
+        mapped = Mapped(size, self._threads, self.numa_node)
         (err,) = rt.cudaHostRegister(mapped.ptr, size, rt.cudaHostRegisterPortable)
         if err != rt.cudaError_t.cudaSuccess:
             mapped.close()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._memory import Mapped, default_threads
+from ._numa import resolve
 
 __all__ = ["HostBackend", "HostStream"]
 
@@ -105,15 +106,17 @@ class HostBackend:
 
     name = "host"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, numa_node: int | str | None = None) -> None:
         self._threads = default_threads() if threads is None else threads
+        self.numa_node = resolve(numa_node, None, "the host backend (no device)")
         self._maps: dict[int, Mapped] = {}
         self._maps_lock = threading.Lock()
         self._events: list[_HostEvent] = []
         self.default_stream = HostStream("aiopinned-default")
 
     def alloc(self, size: int) -> int:
-        mapped = Mapped(size, self._threads)  # the CUDA backend's path, less the registration
+        # the CUDA backend's path, less the registration
+        mapped = Mapped(size, self._threads, self.numa_node)
         with self._maps_lock:
             self._maps[mapped.ptr] = mapped
         return mapped.ptr
