@@ -19,6 +19,7 @@ from ._pool import PinnedPool
 from .backends import HostStream
 
 MiB = 1 << 20
+Tick = Callable[[], None]
 
 
 @dataclass
@@ -45,12 +46,19 @@ class Report:
 
 
 @contextmanager
-def step(title: str) -> Iterator[None]:
-    """A line on stderr per step, with how long it took (the steps take seconds)."""
-    print(f"  {title} ...", end="", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    yield
-    print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+def step(title: str, total: int) -> Iterator[Callable[[], None]]:
+    """One step of ``total`` units on stderr: a tqdm bar where tqdm is installed (the ``cli``
+    extra), else a line with how long it took.  Yields the function that marks a unit done."""
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        print(f"  {title} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        yield lambda: None
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return
+    with tqdm(total=total, desc=f"  {title}", file=sys.stderr, leave=True) as bar:
+        yield lambda: bar.update(1)
 
 
 def _torch() -> Any:
@@ -61,13 +69,14 @@ def _torch() -> Any:
     return torch if torch.cuda.is_available() else None
 
 
-def _per_call_us(fn: Callable[[], object], n: int, samples: int) -> float:
+def _per_call_us(fn: Callable[[], object], n: int, samples: int, tick: Tick) -> float:
     times = []
     for _ in range(samples):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         times.append((time.perf_counter() - t0) / n * 1e6)
+        tick()
     return statistics.median(times)
 
 
@@ -77,30 +86,38 @@ async def run(quick: bool) -> Report:
     async with PinnedPool() as pool:
         report = Report(pool.backend)
         torch = _torch() if pool.backend == "cuda" else None
-        with step(f"cache hit, {samples} x {hits}"):
-            await _hits(pool, torch, hits, samples, report)
-        with step(f"pinning and releasing {', '.join(f'{s // MiB} MiB' for s in pin_sizes)}"):
-            await _pins(pool.backend, torch, pin_sizes, report)
+        with step(f"cache hit, {samples} x {hits}", (2 if torch is None else 3) * samples) as tick:
+            await _hits(pool, torch, hits, samples, report, tick)
+        sizes = ", ".join(f"{s // MiB} MiB" for s in pin_sizes)
+        with step(f"pinning and releasing {sizes}", len(pin_sizes)) as tick:
+            await _pins(pool.backend, torch, pin_sizes, report, tick)
         if torch is not None:
-            with step("copy bandwidth, 64 MiB"):
-                await _copies(pool, torch, report)
-        with step(f"wake latency, {50 if quick else 300} rounds"):
-            await _wake(torch, 50 if quick else 300, report)
+            with step("copy bandwidth, 64 MiB", 2) as tick:
+                await _copies(pool, torch, report, tick)
+        rounds = 50 if quick else 300
+        with step(f"wake latency, {rounds} rounds", rounds + 5) as tick:
+            await _wake(torch, rounds, report, tick)
     return report
 
 
-async def _hits(pool: PinnedPool, torch: Any, n: int, samples: int, report: Report) -> None:
+async def _hits(
+    pool: PinnedPool, torch: Any, n: int, samples: int, report: Report, tick: Tick
+) -> None:
     (await pool.allocate(MiB)).free()
-    t0 = time.perf_counter()
-    for _ in range(n * samples):
-        (await pool.allocate(MiB)).free()
-    awaited = (time.perf_counter() - t0) / (n * samples) * 1e6
-    nowait = _per_call_us(lambda: pool.allocate_nowait(MiB).free(), n, samples)
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            (await pool.allocate(MiB)).free()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+        tick()
+    awaited = statistics.median(times)
+    nowait = _per_call_us(lambda: pool.allocate_nowait(MiB).free(), n, samples, tick)
     peer = None
     if torch is not None:
         torch.empty(MiB, dtype=torch.uint8, pin_memory=True)
         peer = _per_call_us(
-            lambda: torch.empty(MiB, dtype=torch.uint8, pin_memory=True), n, samples
+            lambda: torch.empty(MiB, dtype=torch.uint8, pin_memory=True), n, samples, tick
         )
     for name, us in (("await allocate + free", awaited), ("allocate_nowait + free", nowait)):
         ratio = us / peer if peer else None
@@ -111,7 +128,7 @@ async def _hits(pool: PinnedPool, torch: Any, n: int, samples: int, report: Repo
         report.rows.append(Row("cache hit, 1 MiB", "torch.empty(pin_memory=True)", peer, "us"))
 
 
-async def _pins(backend: str, torch: Any, sizes: list[int], report: Report) -> None:
+async def _pins(backend: str, torch: Any, sizes: list[int], report: Report, tick: Tick) -> None:
     for size in sizes:
         async with PinnedPool(backend) as fresh:
             t0 = time.perf_counter()
@@ -136,9 +153,10 @@ async def _pins(backend: str, torch: Any, sizes: list[int], report: Report) -> N
             report.rows.append(
                 Row(section, name, ours * 1e3, "ms", ratio, "torch" if theirs else None)
             )
+        tick()
 
 
-async def _copies(pool: PinnedPool, torch: Any, report: Report) -> None:
+async def _copies(pool: PinnedPool, torch: Any, report: Report, tick: Tick) -> None:
     n = 64 * MiB
     dev = torch.empty(n, dtype=torch.uint8, device="cuda")
     ref = torch.empty(n, dtype=torch.uint8, pin_memory=True)
@@ -161,11 +179,12 @@ async def _copies(pool: PinnedPool, torch: Any, report: Report) -> None:
         gbps(ours, to_device)
         a, b = gbps(ours, to_device), gbps(ref, to_device)
         report.rows.append(Row("copy, 64 MiB", name, a, "GB/s", a / b, "torch pinned"))
+        tick()
     del ours
     buf.free()
 
 
-async def _wake(torch: Any, rounds: int, report: Report) -> None:
+async def _wake(torch: Any, rounds: int, report: Report, tick: Tick) -> None:
     """Copy end (or, on the host backend, the stream's own timestamp) to the waiter running."""
     async with PinnedPool("cuda" if torch is not None else "host", max_bytes=MiB) as pool:
         stream = torch.cuda.Stream() if torch is not None else HostStream()
@@ -192,6 +211,7 @@ async def _wake(torch: Any, rounds: int, report: Report) -> None:
                 ended.append(t_launch + start.elapsed_time(done) / 1e3)
             if i >= 5:
                 report.wake_us.append((now - ended[0]) * 1e6)
+            tick()
     xs = sorted(report.wake_us)
     for name, v in (("median", statistics.median(xs)), ("p99", xs[int(0.99 * (len(xs) - 1))])):
         report.rows.append(Row("wake latency", name, v, "us"))
