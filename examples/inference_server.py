@@ -72,49 +72,62 @@ Infer = Callable[[Server, Any, int], Awaitable[bytes]]
 Admit = Callable[[Server, int, float], Awaitable[Any]]
 
 
+@contextlib.asynccontextmanager
+async def open_server(args: argparse.Namespace) -> AsyncIterator[Server]:
+    """The pools (opened on the running loop, closed on leaving), the device and the model."""
+    backend = pick_backend(args.backend)
+    async with (
+        PinnedPool(backend, max_bytes=args.max_bytes) as pool,
+        PinnedPool(backend, max_bytes=args.lane_bytes) as lane,
+    ):
+        device = await anyio.to_thread.run_sync(open_device, pool.backend)
+        dims = args.dims or mlp_dims(pool.backend)
+        weights = await anyio.to_thread.run_sync(make_weights, dims, 0)
+        streams = [device.stream() for _ in range(args.streams)]
+        yield Server(pool, lane, device, dims, device.load(weights), streams)
+
+
+async def handle_infer(
+    server: Server, request: Request, args: argparse.Namespace, infer: Infer = infer,
+    admit: Admit = admit,
+) -> Response:  # fmt: skip
+    c, (d_in, *_, d_out) = server.counters, server.dims
+    row, rows = 4 * d_in, args.max_bytes // (4 * (d_in + d_out))  # rows whose in+out fit
+    length = request.headers.get("content-length", "")
+    n = int(length) if length.isdigit() else 0
+    if not 0 < n <= rows * row or n % row:
+        why = f"the body must be float32 rows of {row} bytes, 1 to at most {rows}"
+        return _http.refuse(c, 413 if n > rows * row else 400 if length else 411, why)
+    with _http.cancelled_on_disconnect(request) as scope:
+        try:  # the admission ticket: one buffer for the body and the answer
+            need = n // row * 4 * (d_in + d_out)
+            async with await admit(server, need, args.admit_timeout) as buf:
+                await _http.read_into(request, buf.memoryview()[:n], args.read_timeout)
+                c["in_flight"] += 1
+                try:
+                    answer = await infer(server, buf, n // row)
+                finally:
+                    c["in_flight"] -= 1
+        except TimeoutError:  # no buffer in time
+            return _http.refuse(c, 503, "busy: try again", **{"Retry-After": args.retry_after})
+        except _http.BodyError as e:
+            return _http.refuse(c, e.status, str(e))
+        except ClientDisconnect:
+            scope.cancel()
+    c["client_gone" if scope.cancel_called else "ok"] += 1
+    return Response(status_code=499) if scope.cancel_called else Response(answer)
+
+
 def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = admit) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        backend = pick_backend(args.backend)
-        async with (
-            PinnedPool(backend, max_bytes=args.max_bytes) as pool,
-            PinnedPool(backend, max_bytes=args.lane_bytes) as lane,
-        ):
-            device = await anyio.to_thread.run_sync(open_device, pool.backend)
-            dims = args.dims or mlp_dims(pool.backend)
-            weights = await anyio.to_thread.run_sync(make_weights, dims, 0)
-            streams = [device.stream() for _ in range(args.streams)]
-            app.state.server = Server(pool, lane, device, dims, device.load(weights), streams)
-            async with _http.publishing(app, {"main": pool, "lane": lane}):  # (/metrics)
-                yield
+        async with open_server(args) as server:
+            app.state.server = server
+            async with _http.publishing(app, {"main": server.pool, "lane": server.lane}):
+                yield  # (publishing: /metrics)
 
-    async def handle_infer(request: Request) -> Response:
-        server: Server = request.app.state.server
-        c, (d_in, *_, d_out) = server.counters, server.dims
-        row, rows = 4 * d_in, args.max_bytes // (4 * (d_in + d_out))  # rows whose in+out fit
-        length = request.headers.get("content-length", "")
-        n = int(length) if length.isdigit() else 0
-        if not 0 < n <= rows * row or n % row:
-            why = f"the body must be float32 rows of {row} bytes, 1 to at most {rows}"
-            return _http.refuse(c, 413 if n > rows * row else 400 if length else 411, why)
-        with _http.cancelled_on_disconnect(request) as scope:
-            try:  # the admission ticket: one buffer for the body and the answer
-                need = n // row * 4 * (d_in + d_out)
-                async with await admit(server, need, args.admit_timeout) as buf:
-                    await _http.read_into(request, buf.memoryview()[:n], args.read_timeout)
-                    c["in_flight"] += 1
-                    try:
-                        answer = await infer(server, buf, n // row)
-                    finally:
-                        c["in_flight"] -= 1
-            except TimeoutError:  # no buffer in time
-                return _http.refuse(c, 503, "busy: try again", **{"Retry-After": args.retry_after})
-            except _http.BodyError as e:
-                return _http.refuse(c, e.status, str(e))
-            except ClientDisconnect:
-                scope.cancel()
-        c["client_gone" if scope.cancel_called else "ok"] += 1
-        return Response(status_code=499) if scope.cancel_called else Response(answer)
+    async def on_infer(request: Request) -> Response:
+        return await handle_infer(request.app.state.server, request, args, infer, admit)
 
     async def handle_stats(request: Request) -> Response:
         server: Server = request.app.state.server
@@ -123,7 +136,7 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
         pools = {k: p.stats().as_dict() for k, p in (("pool", server.pool), ("lane", server.lane))}
         return JSONResponse({"model": model, **pools, "server": {**server.counters, **peak}})
 
-    routes = [Route("/infer", handle_infer, methods=["POST"]), Route("/stats", handle_stats),
+    routes = [Route("/infer", on_infer, methods=["POST"]), Route("/stats", handle_stats),
               Route("/metrics", _http.metrics)]  # fmt: skip
     return Starlette(routes=routes, lifespan=lifespan)
 
