@@ -150,7 +150,6 @@ class MultiProcessPublisher:
             for n, doc, times in HISTOGRAMS
         ]
         self._last: PoolStats | None = None
-        self._scope: anyio.CancelScope | None = None
         self._task_group: Any = None
 
     def publish(self) -> None:
