@@ -128,27 +128,36 @@ async def _hits(
         report.rows.append(Row("cache hit, 1 MiB", "torch.empty(pin_memory=True)", peer, "us"))
 
 
+async def pool_pin_release(nbytes: int, backend: str, **options: Any) -> tuple[float, float]:
+    """Seconds to pin ``nbytes`` fresh through a new pool, and to release them (``empty_cache``)."""
+    async with PinnedPool(backend, **options) as fresh:
+        t0 = time.perf_counter()
+        buf = await fresh.allocate(nbytes)
+        t1 = time.perf_counter()
+        buf.free()
+        await fresh.empty_cache()
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def torch_pin_release(torch: Any, nbytes: int) -> tuple[float, float]:
+    """The same through torch's pinned allocator: ``cudaHostAlloc``, then ``_host_emptyCache``."""
+    torch._C._host_emptyCache()
+    t0 = time.perf_counter()
+    tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    t1 = time.perf_counter()
+    del tensor
+    torch._C._host_emptyCache()
+    return t1 - t0, time.perf_counter() - t1
+
+
 async def _pins(backend: str, torch: Any, sizes: list[int], report: Report, tick: Tick) -> None:
     for size in sizes:
-        async with PinnedPool(backend) as fresh:
-            t0 = time.perf_counter()
-            buf = await fresh.allocate(size)
-            t1 = time.perf_counter()
-            buf.free()
-            await fresh.empty_cache()
-            t2 = time.perf_counter()
-        report.pin_s[size] = t1 - t0
-        pin_peer = release_peer = None
-        if torch is not None:
-            torch._C._host_emptyCache()
-            p0 = time.perf_counter()
-            tensor = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            p1 = time.perf_counter()
-            del tensor
-            torch._C._host_emptyCache()
-            pin_peer, release_peer = p1 - p0, time.perf_counter() - p1
+        pin, release = await pool_pin_release(size, backend)
+        report.pin_s[size] = pin
+        pin_peer, release_peer = torch_pin_release(torch, size) if torch else (None, None)
         section = f"pin and release, {size // MiB} MiB"
-        for name, ours, theirs in (("pin", t1 - t0, pin_peer), ("release", t2 - t1, release_peer)):
+        for name, ours, theirs in (("pin", pin, pin_peer), ("release", release, release_peer)):
             ratio = ours / theirs if theirs else None
             report.rows.append(
                 Row(section, name, ours * 1e3, "ms", ratio, "torch" if theirs else None)

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from aiopinned import PinnedPool
+from aiopinned._bench import pool_pin_release, torch_pin_release
 
 
 def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -153,24 +154,12 @@ async def pin_and_release(nbytes: int, rounds: int) -> list[tuple[str, str, str]
     times: dict[str, list[float]] = {}
     for _ in range(rounds):  # interleaved
         for mode in ("register", "alloc"):
-            async with PinnedPool("cuda", pinning=mode) as pool:
-                t0 = time.perf_counter()
-                buf = await pool.allocate(nbytes)
-                t1 = time.perf_counter()
-                buf.free()
-                await pool.empty_cache()
-                t2 = time.perf_counter()
-            times.setdefault(f"pin: aiopinned pinning={mode!r}", []).append(t1 - t0)
-            times.setdefault(f"release: aiopinned pinning={mode!r}", []).append(t2 - t1)
-        torch._C._host_emptyCache()
-        t0 = time.perf_counter()
-        tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        t1 = time.perf_counter()
-        del tensor
-        torch._C._host_emptyCache()
-        t2 = time.perf_counter()
-        times.setdefault("pin: torch.empty(pin_memory=True)", []).append(t1 - t0)
-        times.setdefault("release: torch._host_emptyCache()", []).append(t2 - t1)
+            pin, release = await pool_pin_release(nbytes, "cuda", pinning=mode)
+            times.setdefault(f"pin: aiopinned pinning={mode!r}", []).append(pin)
+            times.setdefault(f"release: aiopinned pinning={mode!r}", []).append(release)
+        pin, release = torch_pin_release(torch, nbytes)
+        times.setdefault("pin: torch.empty(pin_memory=True)", []).append(pin)
+        times.setdefault("release: torch._host_emptyCache()", []).append(release)
     med = {name: statistics.median(v) for name, v in times.items()}
     pin_peer, release_peer = med["pin: torch.empty(pin_memory=True)"], med[
         "release: torch._host_emptyCache()"]  # fmt: skip

@@ -140,16 +140,13 @@ async def test_a_waiter_cancelled_before_the_wake_leaves_the_queue() -> None:
         assert w.served == ["b"]
 
 
+@pytest.mark.usefixtures("asyncio_only")  # (trio's side: the next test)
 @pytest.mark.parametrize("behind", [True, False], ids=["waiter-behind", "nobody-behind"])
-async def test_a_task_cancelled_after_the_handoff_passes_the_block_on(
-    anyio_backend_name: str, behind: bool
-) -> None:
+async def test_a_task_cancelled_after_the_handoff_passes_the_block_on(behind: bool) -> None:
     """gh-90155: the block was handed to a task that is cancelled before it runs (asyncio).
 
     It goes to the next waiter, or with nobody behind, back to the cache.
     """
-    if anyio_backend_name != "asyncio":
-        pytest.skip("trio never cancels a task that was already rescheduled: see the next test")
     import asyncio
 
     async with PinnedPool("host", max_bytes=4 * KB) as pool:

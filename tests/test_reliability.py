@@ -247,11 +247,8 @@ async def test_close_unpins_what_it_can_and_raises_the_first_failure() -> None:
     await pool.aclose()  # closed: nothing more to do
 
 
-async def test_a_growth_plan_cancelled_after_close_unpins_its_victims(
-    anyio_backend_name: str,
-) -> None:
-    if anyio_backend_name != "asyncio":
-        pytest.skip("trio never cancels a task that was already rescheduled")
+@pytest.mark.usefixtures("asyncio_only")
+async def test_a_growth_plan_cancelled_after_close_unpins_its_victims() -> None:
     backend = FaultBackend()
     pool = PinnedPool(backend, max_bytes=64 * KB)
     await pool.open()

@@ -90,11 +90,8 @@ async def test_a_waiter_cancelled_before_the_handoff_leaves_and_passes_on_nothin
     assert t.got == {"b": "x"}
 
 
-async def test_a_waiter_cancelled_after_the_handoff_passes_its_grant_on(
-    anyio_backend_name: str,
-) -> None:
-    if anyio_backend_name != "asyncio":
-        pytest.skip("trio never cancels a task that was already rescheduled")
+@pytest.mark.usefixtures("asyncio_only")
+async def test_a_waiter_cancelled_after_the_handoff_passes_its_grant_on() -> None:
     import asyncio
 
     t = Lot()
