@@ -56,18 +56,22 @@ def as_flag(value: object, what: str) -> bool:
 
 
 def as_pinning(
-    pinning: object, threads: object, numa_node: object = None
-) -> tuple[str, int | None, int | str | None]:
-    """How new blocks are pinned (``auto``, ``register``, ``alloc``), by how many threads, and
-    on which NUMA node (``None``: wherever the kernel puts them; ``"auto"``: the device's)."""
+    pinning: object, threads: object, numa_node: object = None, device: object = None
+) -> tuple[str, int | None, int | str | None, int | None]:
+    """How new blocks are pinned (``auto``, ``register``, ``alloc``), by how many threads, on
+    which NUMA node (``None``: wherever the kernel puts them; ``"auto"``: the device's), and for
+    which CUDA device (``None``: the opening thread's)."""
     if pinning not in PINNING_MODES:
         raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
     if threads is not None and as_size(threads, "pin_threads") < 1:
         raise ValueError("pin_threads must be >= 1 (or None for the default)")
-    if numa_node is not None and numa_node != "auto":
-        as_size(numa_node, "numa_node")  # an int >= 0
     node = numa_node if numa_node in (None, "auto") else as_size(numa_node, "numa_node")
-    return str(pinning), None if threads is None else as_size(threads, "pin_threads"), node
+    return (
+        str(pinning),
+        None if threads is None else as_size(threads, "pin_threads"),
+        node,
+        None if device is None else as_size(device, "device"),
+    )
 
 
 def as_reserve(nbytes: object, block_bytes: object, max_bytes: int | None) -> list[int]:

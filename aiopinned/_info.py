@@ -15,6 +15,7 @@ from typing import Any
 
 from .backends._memory import default_threads
 from .backends._numa import node_of_pci as numa_node_of
+from .errors import CudaError
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _meminfo(proc_root: Path = Path("/proc")) -> dict[str, int]:
 
 
 def _cuda(info: Info) -> None:
-    from .backends.cuda import cuda_unusable_reason
+    from .backends._cudart import cuda_unusable_reason, pci_bus_id
 
     reason = cuda_unusable_reason()
     info.backend, info.why = ("cuda", "a CUDA device is usable") if reason is None else (
@@ -100,9 +101,11 @@ def _cuda(info: Info) -> None:
     for i in range(count if err == rt.cudaError_t.cudaSuccess else 0):
         err, prop = rt.cudaGetDeviceProperties(i)
         name = prop.name.decode(errors="replace") if err == rt.cudaError_t.cudaSuccess else "?"
-        err, bus = rt.cudaDeviceGetPCIBusId(32, i)
-        bus_id = bus.decode().rstrip("\0") if err == rt.cudaError_t.cudaSuccess else "?"
-        info.devices.append(Device(i, name.rstrip("\0"), bus_id, numa_node_of(bus_id)))
+        try:
+            bus_id = pci_bus_id(i)
+        except CudaError:
+            bus_id = "?"
+        info.devices.append(Device(i, name.split("\0")[0], bus_id, numa_node_of(bus_id)))
 
 
 def gather() -> Info:

@@ -52,6 +52,7 @@ class PinnedPool:
         max_idle_bytes: unpin the oldest idle blocks past this many idle bytes (None: keep).
         idle_timeout_s: unpin blocks idle for longer than this, off the loop (None: keep).
         numa_node: put new blocks on this NUMA node; ``"auto"``: the device's (None: the kernel's).
+        device: the CUDA device the pool serves (None: the one current where it opens, else 0).
     """
 
     def __init__(
@@ -67,9 +68,11 @@ class PinnedPool:
         max_idle_bytes: int | None = None,
         idle_timeout_s: float | None = None,
         numa_node: int | str | None = None,
+        device: int | None = None,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
-        self._spec = (check.as_backend(backend), check.as_pinning(pinning, pin_threads, numa_node))
+        how = check.as_pinning(pinning, pin_threads, numa_node, device)
+        self._spec = (check.as_backend(backend), how)
         self._max_bytes = check.as_max_bytes(max_bytes)
         self._spin_s = check.as_seconds(spin_s, "spin_s")
         self._scrub = check.as_flag(scrub, "scrub")
@@ -300,6 +303,12 @@ class PinnedPool:
         """The backend's name (``"cuda"``/``"host"``); before opening, what was asked for."""
         spec = self._spec[0] if self._rt is NOT_OPEN else self._rt.backend
         return spec if isinstance(spec, str) else spec.name
+
+    @property
+    def device(self) -> int | None:
+        """The CUDA device the pool pins for (``None``: the host backend, or not yet known)."""
+        asked = self._spec[1][3]
+        return asked if self._rt is NOT_OPEN else getattr(self._rt.backend, "device", None)
 
     @property
     def max_bytes(self) -> int | None:

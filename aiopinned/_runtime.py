@@ -16,7 +16,7 @@ from ._events import EventWatcher
 from ._loopport import LoopPort, start_reaper
 from ._pinning import Pinning
 from ._stats import Counters
-from .backends import Backend, make_backend
+from .backends import Backend, device_reader, make_backend
 
 NOT_OPEN_MESSAGE = "the pool is not open: use 'async with PinnedPool() as pool'"
 
@@ -34,12 +34,20 @@ class Runtime:
     async def start(
         cls,
         spec: str | Backend,
-        pinning: tuple[str, int | None, int | str | None],
+        pinning: tuple[str, int | None, int | str | None, int | None],
         counters: Counters,
     ) -> Runtime:
-        """Bind to the running loop and make the backend (off the loop: CUDA starts here)."""
+        """Bind to the running loop and make the backend (off the loop: CUDA starts here).
+        Without a device given, the pool serves the device current on this (the loop's) thread,
+        read after the driver has loaded off the loop."""
         port = LoopPort()
-        backend = await anyio.to_thread.run_sync(make_backend, spec, *pinning)
+        how, threads, numa_node, device = pinning
+        if device is None:
+            reader = await anyio.to_thread.run_sync(device_reader, spec)
+            device = None if reader is None else reader()
+        backend = await anyio.to_thread.run_sync(
+            make_backend, spec, how, threads, numa_node, device
+        )
         start_reaper()  # now, so that finalizers never have to start a thread
         return cls(backend, port, counters)
 

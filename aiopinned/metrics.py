@@ -4,9 +4,9 @@
 >>> REGISTRY.register(PoolCollector(pool, name="staging"))
 
 :class:`PoolCollector` is a custom collector: each scrape reads ``pool.stats()`` (safe from any
-thread, such as ``prometheus_client``'s HTTP server thread) and reports it under the ``aiopinned_``
-prefix in base units (bytes, seconds), labelled with the pool's ``device`` (its backend) and
-``pool`` name, plus any ``labels`` given.
+thread, such as ``prometheus_client``'s HTTP server thread) and reports it under the
+``aiopinned_`` prefix in base units (bytes, seconds), labelled with the pool's ``device``
+(``cuda:0``, ``host``) and ``pool`` name, plus any ``labels`` given.
 
 Several worker processes (uvicorn or gunicorn workers, each with its own pool): a custom collector
 is not shared between processes, so in ``prometheus_client``'s multiprocess mode
@@ -75,11 +75,14 @@ HISTOGRAMS: tuple[tuple[str, str, ReadTimes], ...] = (
 
 
 def _labels(pool: PinnedPool, name: str, labels: Mapping[str, str] | None) -> dict[str, str]:
+    """The labels and their values, read afresh at each scrape: ``device`` is the backend
+    (``cuda:1``, ``host``), known once the pool is open."""
     extra = dict(labels or {})
     clash = {"device", "pool"} & set(extra)
     if clash:
         raise ValueError(f"labels may not redefine {sorted(clash)}: the collector sets them")
-    return {"device": pool.backend, "pool": name, **extra}
+    device = pool.backend if pool.device is None else f"{pool.backend}:{pool.device}"
+    return {"device": device, "pool": name, **extra}
 
 
 def _cumulative(buckets: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -98,15 +101,15 @@ class PoolCollector:
     ) -> None:
         if not isinstance(pool, PinnedPool):
             raise TypeError(f"PoolCollector takes a PinnedPool, not {type(pool).__name__}")
-        self._pool = pool
-        self._labels = _labels(pool, name, labels)
+        self._pool, self._name, self._extra = pool, name, labels
+        _labels(pool, name, labels)  # (checked now)
 
     def describe(self) -> list[Metric]:
         return []  # (no scrape at registration: the pool may not be open yet)
 
     def collect(self) -> Iterator[Metric]:
-        stats, keys = self._pool.stats(), list(self._labels)
-        values = list(self._labels.values())
+        stats, labels = self._pool.stats(), _labels(self._pool, self._name, self._extra)
+        keys, values = list(labels), list(labels.values())
         for name, doc, read in GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=keys)
             gauge.add_metric(values, read(stats))
@@ -137,9 +140,8 @@ class MultiProcessPublisher:
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, not {interval_s!r}")
-        self._pool, self._interval_s = pool, interval_s
-        self._labels = _labels(pool, name, labels)
-        keys = list(self._labels)
+        self._pool, self._interval_s, self._name, self._extra = pool, interval_s, name, labels
+        keys = list(_labels(pool, name, labels))
         self._gauges = [
             (Gauge(n, doc, keys, registry=None, multiprocess_mode="livesum"), read)
             for n, doc, read in GAUGES
@@ -155,7 +157,8 @@ class MultiProcessPublisher:
     def publish(self) -> None:
         """Copy the figures now: gauges as they are, counters and histograms by what changed
         since the last call (a histogram's new observations land at their buckets' bounds)."""
-        stats, last, values = self._pool.stats(), self._last, self._labels.values()
+        stats, last = self._pool.stats(), self._last
+        values = _labels(self._pool, self._name, self._extra).values()
         for gauge, read in self._gauges:
             gauge.labels(*values).set(read(stats))
         for counter, read in self._counters:

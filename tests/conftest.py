@@ -36,7 +36,7 @@ def asyncio_only(anyio_backend_name: str) -> None:
 
 def _cuda_reason() -> str | None:
     try:
-        from aiopinned.backends.cuda import cuda_unusable_reason
+        from aiopinned.backends._cudart import cuda_unusable_reason
     except Exception as exc:  # pragma: no cover
         return str(exc)
     return cuda_unusable_reason()

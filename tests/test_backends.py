@@ -8,7 +8,7 @@ import types
 import pytest
 
 from aiopinned import CudaError, HostStream, PinnedMemoryError, PinnedPool
-from aiopinned.backends.cuda import _stream_handle, cuda_unusable_reason
+from aiopinned.backends._cudart import cuda_unusable_reason, stream_handle
 from aiopinned.backends.host import HostBackend
 
 
@@ -85,18 +85,18 @@ def _cupy_like() -> object:
     ids=["none", "zero", "int", "__cuda_stream__", "torch", "cupy"],
 )
 def test_cuda_stream_arguments_normalize_to_handles(stream: object, handle: int) -> None:
-    assert _stream_handle(stream) == handle
+    assert stream_handle(stream) == handle
 
 
 @pytest.mark.parametrize("bad", [True, "0", 1.0, object()])
 def test_other_cuda_stream_arguments_are_type_errors(bad: object) -> None:
     with pytest.raises(TypeError):
-        _stream_handle(bad)
+        stream_handle(bad)
 
 
 def test_negative_cuda_stream_handles_are_value_errors() -> None:
     with pytest.raises(ValueError):
-        _stream_handle(-1)
+        stream_handle(-1)
 
 
 @pytest.mark.anyio
@@ -223,22 +223,71 @@ def test_pinning_options_are_checked() -> None:
 
 
 class _FakeRuntime:
-    """Just enough of cuda.bindings.runtime for CudaBackend's memory paths, with
-    registration refused."""
+    """Just enough of cuda.bindings' runtime and driver for CudaBackend's construction and
+    memory paths: ``devices`` devices, a current context per thread (``device + 1``; 0: none),
+    and each memory call with the device whose context was current for it (-1: none)."""
 
     class cudaError_t:
         cudaSuccess, cudaErrorMemoryAllocation, cudaErrorInsufficientDriver = 0, 2, 35
 
+    class CUresult:
+        CUDA_SUCCESS = 0
+
     cudaHostRegisterPortable = cudaHostAllocPortable = 1
 
-    def __init__(self) -> None:
+    def __init__(self, devices: int = 1, refuse_registration: bool = False) -> None:
+        self.devices, self.refuse = devices, refuse_registration
         self.allocs: list[int] = []
+        self.calls: list[tuple[str, int]] = []
+        self._thread = threading.local()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from aiopinned.backends import _cudart, cuda
+
+        for module in (cuda, _cudart):
+            monkeypatch.setattr(module, "rt", self)
+            monkeypatch.setattr(module, "drv", self)
+
+    def context(self) -> int:
+        return getattr(self._thread, "ctx", 0)
+
+    def current(self) -> int:
+        return self.context() - 1
+
+    def cuCtxGetCurrent(self) -> tuple[int, int]:
+        return 0, self.context()
+
+    def cuCtxGetDevice(self) -> tuple[int, int]:
+        return 0, self.current()
+
+    def cuCtxSetCurrent(self, ctx: int) -> tuple[int]:
+        self._thread.ctx = ctx
+        return (0,)
 
     def cudaGetErrorString(self, err: int) -> tuple[int, bytes]:
         return 0, b"out of memory"
 
+    def cudaGetDeviceCount(self) -> tuple[int, int]:
+        return 0, self.devices
+
+    def cudaSetDevice(self, device: int) -> tuple[int]:
+        self._thread.ctx = device + 1
+        return (0,)
+
+    def cudaDeviceGetPCIBusId(self, n: int, device: int) -> tuple[int, bytes]:
+        return 0, f"0000:0{device}:00.0".encode() + b"\0 padding"
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        self.calls.append(("cudaFree", self.current()))
+        return (0,)
+
     def cudaHostRegister(self, ptr: int, size: int, flags: int) -> tuple[int]:
-        return (self.cudaError_t.cudaErrorMemoryAllocation,)
+        self.calls.append(("cudaHostRegister", self.current()))
+        return (self.cudaError_t.cudaErrorMemoryAllocation if self.refuse else 0,)
+
+    def cudaHostUnregister(self, ptr: int) -> tuple[int]:
+        self.calls.append(("cudaHostUnregister", self.current()))
+        return (0,)
 
     def cudaHostAlloc(self, size: int, flags: int) -> tuple[int, int]:
         self.allocs.append(size)
@@ -251,12 +300,9 @@ def test_refused_registration_falls_back_once_or_names_its_cause(
 ) -> None:
     from aiopinned.backends import cuda
 
-    fake = _FakeRuntime()
-    monkeypatch.setattr(cuda, "rt", fake)
-    backend = object.__new__(cuda.CudaBackend)  # (no device here: only the memory paths)
-    backend.pinning, backend._threads, backend._registered = mode, 1, {}
-    backend.numa_node = None
-    backend._lock = threading.Lock()
+    fake = _FakeRuntime(refuse_registration=True)
+    fake.install(monkeypatch)
+    backend = cuda.CudaBackend(mode, threads=1)
     if mode == "register":
         with pytest.raises(PinnedMemoryError, match="RLIMIT_MEMLOCK"):
             backend.alloc(4096)
@@ -265,3 +311,78 @@ def test_refused_registration_falls_back_once_or_names_its_cause(
     assert backend.alloc(4096) and backend.alloc(8192)
     assert fake.allocs == [4096, 8192] and backend.pinning == "alloc"
     assert caplog.text.count("pinning by registration failed") == 1
+
+
+def test_a_cuda_backend_pins_and_unpins_on_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two devices: every memory call runs with the backend's device current (no context is
+    made on another), the calling thread's context is left as it was (here: none, which
+    ``cudaSetDevice(0)`` would have created), and ``"auto"`` asks for the node of that device's
+    PCI address (the driver's padding after the NUL cut off)."""
+    from aiopinned.backends import cuda
+
+    fake = _FakeRuntime(devices=2)
+    asked: list[str | None] = []
+    fake.install(monkeypatch)
+    monkeypatch.setattr(cuda, "resolve", lambda node, bus, where: asked.append(bus))
+    backend = cuda.CudaBackend("register", threads=1, numa_node="auto", device=1)
+    ptr = backend.alloc(4096)
+    backend.free(ptr, 4096)
+    assert fake.calls == [("cudaFree", 1), ("cudaHostRegister", 1), ("cudaHostUnregister", 1)]
+    assert fake.context() == 0 and backend.device == 1 and asked == ["0000:01:00.0"]
+    fake.cudaSetDevice(1)  # a caller already on the device: nothing switches
+    backend.free(backend.alloc(4096), 4096)
+    assert fake.context() == 2
+    assert fake.calls[-2:] == [("cudaHostRegister", 1), ("cudaHostUnregister", 1)]
+    assert cuda.CudaBackend("register", threads=1).device == 0  # none given: device 0
+    with pytest.raises(ValueError, match="sees 2 CUDA device"):
+        cuda.CudaBackend(device=2)
+
+
+def test_the_device_argument_is_checked_at_once() -> None:
+    with pytest.raises(ValueError, match="device"):
+        PinnedPool("host", device=-1)
+    for bad in (1.0, True, "cuda:1"):
+        with pytest.raises(TypeError, match="device"):
+            PinnedPool("host", device=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_pool_given_no_device_serves_the_one_current_on_its_loop_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The device of the loop thread's CUDA context is read on the loop thread (the driver is
+    loaded off it first), and the backend is made for that device."""
+    from aiopinned import _runtime
+
+    read_on: list[int] = []
+    made: list[object] = []
+
+    def reader() -> int:
+        read_on.append(threading.get_ident())
+        return 1
+
+    def make(spec: object, *args: object) -> HostBackend:
+        made.append(args[-1])
+        backend = HostBackend(1)
+        backend.device = args[-1]  # type: ignore[attr-defined]
+        return backend
+
+    monkeypatch.setattr(_runtime, "device_reader", lambda spec: reader)
+    monkeypatch.setattr(_runtime, "make_backend", make)
+    async with PinnedPool("cuda") as pool:
+        assert read_on == [threading.get_ident()] and made == [1] and pool.device == 1
+    async with PinnedPool("cuda", device=0) as pool:  # given: nothing is read
+        assert len(read_on) == 1 and made == [1, 0] and pool.device == 0
+    monkeypatch.undo()
+    pool = PinnedPool("host", device=3)
+    assert pool.device == 3  # what was asked, until it opens
+    async with pool:
+        assert pool.device is None  # the host backend has no device
+
+
+def test_no_device_is_read_where_the_pool_will_not_use_cuda() -> None:
+    from aiopinned.backends import device_reader
+
+    assert device_reader("host") is None and device_reader(HostBackend(1)) is None
+    if cuda_unusable_reason() is not None:
+        assert device_reader("auto") is None and device_reader("cuda") is None

@@ -6,6 +6,8 @@ import asyncio
 import gc
 import os
 import random
+import subprocess
+import sys
 import time
 import warnings
 
@@ -254,6 +256,80 @@ async def test_events_are_recorded_on_each_streams_own_device() -> None:
         await pool.synchronize(None)
         await until(lambda: pool.stats().pending_events == 0)
         assert pool.stats().free_blocks >= 1 and pool.stats().active_requests == 0
+
+
+async def test_a_pool_per_device_pins_for_its_own_device() -> None:
+    """One pool per device, each ``numa_node="auto"``: a block of each pool copies right to its
+    own device and to the other one; a pool given no device serves the loop thread's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    n = 8 << 20
+    async with (
+        PinnedPool("cuda", device=0, numa_node="auto") as p0,
+        PinnedPool("cuda", device=1, numa_node="auto") as p1,
+    ):
+        assert (p0.device, p1.device) == (0, 1)
+        for d, pool in enumerate((p0, p1)):
+            buf = await pool.allocate(n)
+            buf.torch().fill_(d + 7)
+            for target in (d, 1 - d):
+                stream = torch.cuda.Stream(device=target)
+                with torch.cuda.stream(stream):
+                    dev = buf.torch().to(f"cuda:{target}", non_blocking=True)
+                assert buf.record_stream(stream)
+                await pool.synchronize(stream)
+                assert bool((dev == d + 7).all())
+            buf.free()
+    torch.cuda.set_device(1)
+    try:
+        async with PinnedPool("cuda") as pool:
+            assert pool.device == 1
+    finally:
+        torch.cuda.set_device(0)
+
+
+async def test_a_pool_for_one_device_makes_no_context_on_another() -> None:
+    """In a fresh process, a pool for device 1 pins, unpins and closes without ever making
+    device 0's context (which would take GPU memory there, per process)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    script = (
+        "import asyncio\n"
+        "from cuda.bindings import driver as drv\n"
+        "from aiopinned import PinnedPool\n"
+        "async def main():\n"
+        "    async with PinnedPool('cuda', device=1, numa_node='auto') as pool:\n"
+        "        for n in (4096, 64 << 20):\n"
+        "            (await pool.allocate(n)).free()\n"
+        "        await pool.empty_cache()\n"
+        "asyncio.run(main())\n"
+        "states = [drv.cuDevicePrimaryCtxGetState(d) for d in range(2)]\n"
+        "assert all(s[0] == drv.CUresult.CUDA_SUCCESS for s in states), states\n"
+        "print([bool(s[2]) for s in states])\n"
+    )
+    run = [sys.executable, "-c", script]
+    out = await asyncio.to_thread(
+        subprocess.run, run, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[False, True]"
+
+
+async def test_a_pool_opens_for_a_device_and_refuses_one_the_process_lacks() -> None:
+    from aiopinned.backends._numa import placement
+
+    async with PinnedPool("cuda", numa_node="auto") as pool:
+        assert pool.device == torch.cuda.current_device()
+        buf = await pool.allocate(4 << 20)
+        node = pool._rt.backend.numa_node  # type: ignore[attr-defined]
+        where = placement(buf.ptr)
+        assert where is not None
+        assert where[0] == ("default" if node is None else f"prefer:{node}")
+        assert sum(where[1].values()) >= 4 << 20  # resident, on the nodes listed
+        buf.free()
+    with pytest.raises(ValueError, match="CUDA device"):
+        async with PinnedPool("cuda", device=torch.cuda.device_count()):
+            pass
 
 
 SOAK_CYCLES = int(os.environ.get("AIOPINNED_SOAK_CYCLES", "5000"))

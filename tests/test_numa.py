@@ -58,11 +58,9 @@ def test_bad_numa_node_values_are_type_or_value_errors(bad: object) -> None:
 
 def node_policy(ptr: int) -> str:
     """The policy /proc/self/numa_maps shows for the mapping at ``ptr``."""
-    for line in Path("/proc/self/numa_maps").read_text().splitlines():
-        start, policy, *_ = line.split()
-        if int(start, 16) == ptr:
-            return policy
-    raise AssertionError(f"{ptr:#x} is not in numa_maps")
+    where = _numa.placement(ptr)
+    assert where is not None, "no /proc/self/numa_maps"
+    return where[0]
 
 
 def test_memory_is_placed_before_its_first_touch() -> None:
@@ -95,3 +93,26 @@ async def test_a_pool_places_its_blocks(caplog: pytest.LogCaptureFixture) -> Non
         assert node_policy(buf.ptr) == "default"
         buf.free()
     assert "placement is left to the kernel" in caplog.text
+
+
+def test_placement_reads_the_mapping_holding_an_address(tmp_path: Path) -> None:
+    (tmp_path / "numa_maps").write_text(
+        "1000 default file=/bin/x mapped=2 N0=2 kernelpagesize_kB=4\n"
+        "7f0000000000 prefer:1 anon=1024 dirty=1024 N0=24 N1=1000 kernelpagesize_kB=4\n"
+        "7f1000000000 default anon=2 dirty=2 N0=2 kernelpagesize_kB=2048\n"
+    )
+    assert _numa.placement(0x7F0000000000 + 4096, tmp_path) == (
+        "prefer:1",
+        {0: 24 << 12, 1: 1000 << 12},
+    )
+    assert _numa.placement(0x7F1000000000, tmp_path) == ("default", {0: 4 << 20})
+    assert _numa.placement(0x10, tmp_path) is None  # below every mapping
+    assert _numa.placement(0x1000, tmp_path / "none") is None  # no numa_maps (no NUMA kernel)
+
+
+def test_placement_counts_every_resident_byte_of_a_block() -> None:
+    mapped = _memory.Mapped(4 * _memory.HUGE_PAGE, threads=2, numa_node=0)
+    try:
+        assert _numa.placement(mapped.ptr + 5) == ("prefer:0", {0: mapped.size})
+    finally:
+        mapped.close()

@@ -58,3 +58,24 @@ def resolve(
     if numa_node not in have:
         raise ValueError(f"numa_node={numa_node}: this host's NUMA nodes are {have}")
     return int(numa_node)
+
+
+def placement(ptr: int, proc: Path = Path("/proc/self")) -> tuple[str, dict[int, int]] | None:
+    """Where the mapping holding address ``ptr`` lives: its NUMA policy (``default``,
+    ``prefer:1``...) and its resident bytes per node, from ``numa_maps`` (``None`` where the
+    kernel has no such file)."""
+    try:
+        lines = (proc / "numa_maps").read_text().splitlines()
+    except OSError:
+        return None
+    fields = [line.split() for line in lines]
+    held = [f for f in fields if int(f[0], 16) <= ptr]
+    if not held:
+        return None
+    _, policy, *rest = max(held, key=lambda f: int(f[0], 16))
+    items = dict(item.partition("=")[::2] for item in rest if "=" in item)
+    page = int(items.get("kernelpagesize_kB", "4")) << 10
+    nodes = {
+        int(k[1:]): int(v) * page for k, v in items.items() if k[:1] == "N" and k[1:].isdigit()
+    }
+    return policy, nodes

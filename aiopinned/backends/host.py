@@ -106,7 +106,12 @@ class HostBackend:
 
     name = "host"
 
-    def __init__(self, threads: int | None = None, numa_node: int | str | None = None) -> None:
+    def __init__(
+        self,
+        threads: int | None = None,
+        numa_node: int | str | None = None,
+        device: int | None = None,  # (a CUDA pool's device: here there is none, and it is ignored)
+    ) -> None:
         self._threads = default_threads() if threads is None else threads
         self.numa_node = resolve(numa_node, None, "the host backend (no device)")
         self._maps: dict[int, Mapped] = {}
