@@ -221,6 +221,7 @@ async def main() -> None:
     parser.add_argument("--stall-mib", type=int, default=1024)
     parser.add_argument("--pin-mib", type=int, default=1024)
     parser.add_argument("--pin-rounds", type=int, default=5)
+    parser.add_argument("--hit-only", action="store_true", help="only the cache-hit table")
     args = parser.parse_args()
     async with PinnedPool(args.backend) as pool:
         print(f"backend: {pool.backend}")
@@ -228,6 +229,8 @@ async def main() -> None:
             f"cache hit, {args.size} bytes (median of 11 x {args.hits}, interleaved)",
             await cache_hit(pool, args.hits, args.size),
         )
+        if args.hit_only:
+            return
         if pool.backend == "cuda":
             buf = await pool.allocate(args.copy_mib << 20)
             for to_device, name in ((True, "host->device"), (False, "device->host")):

@@ -59,9 +59,9 @@ def test_no_import_cycles_among_aiopinned_modules() -> None:
 @pytest.mark.parametrize(
     ("pattern", "limit"),
     # (examples: 180 since the server's request path became functions that its Ray Serve twin
-    # reuses; HTTP plumbing stays in examples/_http.py; the pool 460 since it serves a device,
-    # an argument and a property)
-    [("aiopinned/_pool.py", 460), ("aiopinned/**/*.py", 300), ("examples/[!_]*.py", 180)],
+    # reuses; HTTP plumbing stays in examples/_http.py; the pool 470 since it serves a device, an
+    # argument and a property, and its hit paths inline the free list's commonest cases)
+    [("aiopinned/_pool.py", 470), ("aiopinned/**/*.py", 300), ("examples/[!_]*.py", 180)],
 )
 def test_modules_stay_small(pattern: str, limit: int) -> None:
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.glob(pattern)}

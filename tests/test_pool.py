@@ -522,3 +522,20 @@ def test_the_default_wastes_little_on_the_mixed_trace() -> None:
     waste, hits = anyio.run(bench_waste.run, steps, "fine", None)
     seed_waste, _ = anyio.run(bench_waste.run, steps, "pow2", None)
     assert waste <= 1.15 and hits >= 0.85 and seed_waste >= 1.5, (waste, hits, seed_waste)
+
+
+async def test_the_hit_paths_keep_the_seeds_order_lowest_address_first() -> None:
+    """A freed block goes back inline when its size has had idle blocks but has none now, else
+    through ``FreeList.add``; either way ``allocate_nowait`` hands out the lowest address of the
+    size first, and the idle bytes add up."""
+    async with PinnedPool("host") as pool:
+        bufs = [await pool.allocate(1 << 20) for _ in range(4)]
+        ptrs = sorted(b.ptr for b in bufs)
+        for _ in range(2):  # first round: the size is new; second: its list is there, empty
+            for i in (2, 0, 3, 1):  # the first back goes inline (2nd round), the rest sorted
+                next(b for b in bufs if b.ptr == ptrs[i]).free()
+            assert pool.stats().cached_bytes == 4 * bufs[0].capacity
+            bufs = [pool.allocate_nowait(1 << 20) for _ in range(4)]
+            assert [b.ptr for b in bufs] == ptrs and pool.stats().cached_bytes == 0
+        for b in bufs:
+            b.free()
