@@ -229,11 +229,15 @@ class _FakeRuntime:
 
     class cudaError_t:
         cudaSuccess, cudaErrorMemoryAllocation, cudaErrorInsufficientDriver = 0, 2, 35
+        cudaErrorNotReady = 600
+
+    class cudaMemcpyKind:
+        cudaMemcpyDefault = 4
 
     class CUresult:
         CUDA_SUCCESS = 0
 
-    cudaHostRegisterPortable = cudaHostAllocPortable = 1
+    cudaHostRegisterPortable = cudaHostAllocPortable = cudaEventDisableTiming = 1
 
     def __init__(self, devices: int = 1, refuse_registration: bool = False) -> None:
         self.devices, self.refuse = devices, refuse_registration
@@ -288,6 +292,31 @@ class _FakeRuntime:
     def cudaHostUnregister(self, ptr: int) -> tuple[int]:
         self.calls.append(("cudaHostUnregister", self.current()))
         return (0,)
+
+    def _call(self, name: str, *result: object) -> tuple[object, ...]:
+        self.calls.append((name, self.current()))
+        return (0, *result)
+
+    def cudaEventCreateWithFlags(self, flags: int) -> tuple[object, ...]:
+        return self._call("cudaEventCreateWithFlags", 0xE0 + self.current())
+
+    def cudaEventRecord(self, event: int, stream: int) -> tuple[object, ...]:
+        return self._call("cudaEventRecord")
+
+    def cudaEventQuery(self, event: int) -> tuple[object, ...]:
+        return self._call("cudaEventQuery")
+
+    def cudaEventSynchronize(self, event: int) -> tuple[object, ...]:
+        return self._call("cudaEventSynchronize")
+
+    def cudaEventDestroy(self, event: int) -> tuple[object, ...]:
+        return self._call("cudaEventDestroy")
+
+    def cudaStreamGetDevice(self, stream: int) -> tuple[object, ...]:
+        return self._call("cudaStreamGetDevice", 1)
+
+    def cudaMemcpy(self, dst: int, src: int, n: int, kind: int) -> tuple[object, ...]:
+        return self._call("cudaMemcpy")
 
     def cudaHostAlloc(self, size: int, flags: int) -> tuple[int, int]:
         self.allocs.append(size)
@@ -386,3 +415,41 @@ def test_no_device_is_read_where_the_pool_will_not_use_cuda() -> None:
     assert device_reader("host") is None and device_reader(HostBackend(1)) is None
     if cuda_unusable_reason() is not None:
         assert device_reader("auto") is None and device_reader("cuda") is None
+
+
+def test_event_calls_from_a_thread_with_no_context_make_none_on_device_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two devices, a pool for device 1, a thread with no context (the watcher's, the reaper):
+    the calls that would make a context there (an event's record and destruction, a copy) run
+    under device 1's, and the thread is left with none; those that make none (a stream's device,
+    an event's query and wait: measured on the H200 host) switch nothing.  Where a thread has a
+    context already, a destruction or a copy uses it, and a record still goes to the stream's
+    device."""
+    from aiopinned.backends import cuda
+
+    fake = _FakeRuntime(devices=2)
+    fake.install(monkeypatch)
+    backend = cuda.CudaBackend("register", threads=1, device=1)
+    fake.calls.clear()
+    stream = backend.normalize_stream(0x5000)  # a stream of device 1 (the fake says)
+    event = backend.record(stream)
+    assert backend.query(event)
+    backend.synchronize(event)
+    backend.copy(0x1000, 0x2000, 64)
+    backend.release_event(event)
+    backend.close()  # destroys the cached event
+    assert fake.calls == [
+        ("cudaStreamGetDevice", -1), ("cudaEventCreateWithFlags", 1), ("cudaEventRecord", 1),
+        ("cudaEventQuery", -1), ("cudaEventSynchronize", -1), ("cudaMemcpy", 1),
+        ("cudaEventDestroy", 1),
+    ]  # fmt: skip
+    assert fake.context() == 0  # none made, none left behind
+    fake.cudaSetDevice(0)  # a thread already on device 0's context
+    backend = cuda.CudaBackend("register", threads=1, device=1)
+    fake.calls.clear()
+    event = backend.record((1, 0x5000))
+    backend.copy(0x1000, 0x2000, 64)
+    backend.release_event(event)
+    backend.close()
+    assert [d for _, d in fake.calls] == [1, 1, 0, 0] and fake.context() == 1

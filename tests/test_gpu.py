@@ -288,26 +288,51 @@ async def test_a_pool_per_device_pins_for_its_own_device() -> None:
         torch.cuda.set_device(0)
 
 
-async def test_a_pool_for_one_device_makes_no_context_on_another() -> None:
-    """In a fresh process, a pool for device 1 pins, unpins and closes without ever making
+_ONE_DEVICE_WORKER = """
+import asyncio
+from cuda.bindings import driver as drv, runtime as rt
+
+from aiopinned import PinnedPool
+
+def ok(result):
+    assert result[0] == rt.cudaError_t.cudaSuccess, result
+    return result[1] if len(result) > 1 else None
+
+async def main(copies):
+    if not copies:  # device given, and no CUDA on this thread at all
+        async with PinnedPool("cuda", device=1, numa_node="auto") as pool:
+            for n in (4096, 64 << 20):
+                (await pool.allocate(n)).free()
+            await pool.empty_cache()
+        return
+    ok(rt.cudaSetDevice(1))  # as torch.cuda.set_device(1) leaves a worker's loop thread
+    stream, dev = ok(rt.cudaStreamCreate()), ok(rt.cudaMalloc(64 << 20))
+    async with PinnedPool("cuda", numa_node="auto") as pool:
+        assert pool.device == 1, pool.device
+        for n in (4096, 64 << 20, 64 << 20):  # events waited on by the watcher's threads
+            buf = await pool.allocate(n)
+            ok(rt.cudaMemcpyAsync(dev, buf.ptr, n, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                  stream))
+            assert buf.record_stream(int(stream))
+            buf.free()
+        await pool.synchronize(int(stream))
+        await pool.empty_cache()
+
+asyncio.run(main(COPIES))
+states = [drv.cuDevicePrimaryCtxGetState(d) for d in range(2)]
+assert all(s[0] == drv.CUresult.CUDA_SUCCESS for s in states), states
+print([bool(s[2]) for s in states])
+"""
+
+
+@pytest.mark.parametrize("copies", [False, True])
+async def test_a_worker_for_one_device_makes_no_context_on_another(copies: bool) -> None:
+    """In a fresh process, a pool for device 1 (given, or the one the loop thread is on) pins,
+    records events that the watcher's threads wait on, unpins and closes without ever making
     device 0's context (which would take GPU memory there, per process)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    script = (
-        "import asyncio\n"
-        "from cuda.bindings import driver as drv\n"
-        "from aiopinned import PinnedPool\n"
-        "async def main():\n"
-        "    async with PinnedPool('cuda', device=1, numa_node='auto') as pool:\n"
-        "        for n in (4096, 64 << 20):\n"
-        "            (await pool.allocate(n)).free()\n"
-        "        await pool.empty_cache()\n"
-        "asyncio.run(main())\n"
-        "states = [drv.cuDevicePrimaryCtxGetState(d) for d in range(2)]\n"
-        "assert all(s[0] == drv.CUresult.CUDA_SUCCESS for s in states), states\n"
-        "print([bool(s[2]) for s in states])\n"
-    )
-    run = [sys.executable, "-c", script]
+    run = [sys.executable, "-c", _ONE_DEVICE_WORKER.replace("COPIES", str(copies))]
     out = await asyncio.to_thread(
         subprocess.run, run, capture_output=True, text=True, timeout=120, check=False
     )

@@ -152,10 +152,11 @@ class CudaBackend:
         mapped.close()
 
     def copy(self, dst: int, src: int, count: int) -> None:
-        check(
-            rt.cudaMemcpy(dst, src, count, rt.cudaMemcpyKind.cudaMemcpyDefault),
-            f"cudaMemcpy({count})",
-        )
+        with self._on_device(self.device, any_context=True):
+            check(
+                rt.cudaMemcpy(dst, src, count, rt.cudaMemcpyKind.cudaMemcpyDefault),
+                f"cudaMemcpy({count})",
+            )
 
     def prepare_torch(self) -> None:
         import torch
@@ -220,7 +221,11 @@ class CudaBackend:
             if not self._closed:
                 self._events.setdefault(event.device, []).append(event)
                 return
-        check(rt.cudaEventDestroy(event.handle), "cudaEventDestroy")
+        self._destroy(event)
+
+    def _destroy(self, event: _Event) -> None:
+        with self._on_device(event.device, any_context=True):
+            check(rt.cudaEventDestroy(event.handle), "cudaEventDestroy")
 
     def close(self) -> None:
         with self._lock:
@@ -228,25 +233,32 @@ class CudaBackend:
             events = [e for lst in self._events.values() for e in lst]
             self._events.clear()
         for event in events:
-            check(rt.cudaEventDestroy(event.handle), "cudaEventDestroy")
+            self._destroy(event)
 
     @contextlib.contextmanager
-    def _on_device(self, device: int) -> Iterator[None]:
-        """``device`` current in this thread for a while (the memory paths: blocking anyway)."""
-        previous = self._enter_device(device)
+    def _on_device(self, device: int, *, any_context: bool = False) -> Iterator[None]:
+        """``_enter_device`` for a while (the calls off the hit path)."""
+        previous = self._enter_device(device, any_context=any_context)
         try:
             yield
         finally:
             self._leave_device(previous)
 
-    def _enter_device(self, device: int) -> Any:
+    def _enter_device(self, device: int, *, any_context: bool = False) -> Any:
         """Make ``device``'s primary context current in this thread; what to restore (``None``:
         nothing changed).  The thread's own context is restored as it was, none included:
-        ``cudaSetDevice(previous)`` would create the previous device's context (CUDA >= 12)."""
+        ``cudaSetDevice(previous)`` would create the previous device's context (CUDA >= 12).
+
+        ``any_context``: for calls that work from any device's context but, from a thread with
+        none, make the thread's device's (device 0's, on a host where this process may never use
+        device 0): there only a thread with no context switches.  On the H200 host (CUDA 13),
+        ``cudaEventDestroy``, ``cudaMemcpy`` and ``cudaHostRegister``/``Unregister`` made a
+        context current in a fresh thread; ``cudaEventQuery``, ``cudaEventSynchronize``,
+        ``cudaStreamGetDevice`` and ``cudaGetDevice`` did not, so they switch nothing."""
         if self._ndev == 1:
             return None
         ctx, current = current_context()
-        if current == device:
+        if current == device or (any_context and current is not None):
             return None
         check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
         return ctx
