@@ -1,6 +1,6 @@
 """The cuda-bindings calls the CUDA backend and ``info`` share: the import, error checking,
-contexts and devices, and stream handles.  Only the backends import it: the pool never imports
-CUDA.
+contexts and devices, and stream handles.  Only the backends and ``info`` import it: the pool
+never imports CUDA.
 """
 
 from __future__ import annotations
