@@ -80,14 +80,12 @@ def _meminfo(proc_root: Path = Path("/proc")) -> dict[str, int]:
 
 
 def _cuda(info: Info) -> None:
-    from .backends._cudart import cuda_unusable_reason, pci_bus_id
+    from .backends._cudart import cuda_unusable_reason, pci_bus_id, rt
 
     reason = cuda_unusable_reason()
     info.backend, info.why = ("cuda", "a CUDA device is usable") if reason is None else (
         "host", f"no usable CUDA device: {reason}")  # fmt: skip
-    try:
-        from cuda.bindings import runtime as rt
-    except ImportError:
+    if rt is None:  # cuda-bindings is not importable
         return
     err, driver = rt.cudaDriverGetVersion()
     if err == rt.cudaError_t.cudaSuccess and driver:

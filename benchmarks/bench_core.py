@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from aiopinned import PinnedPool
-from aiopinned._bench import pool_pin_release, torch_pin_release
+from aiopinned._bench import copy_gbps, pool_pin_release, torch_pin_release
 
 
 def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -126,15 +126,7 @@ def bandwidth(pool_tensor: Any, nbytes: int, to_device: bool) -> list[tuple[str,
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
 
     def gbps(host: Any, reps: int) -> float:
-        src, dst = (host, dev) if to_device else (dev, host)
-        dst.copy_(src, non_blocking=True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        return nbytes * reps / (float(start.elapsed_time(end)) / 1e3) / 1e9
+        return copy_gbps(torch, host, dev, to_device, reps)
 
     ours = statistics.median(gbps(pool_tensor, 5) for _ in range(5))
     theirs = statistics.median(gbps(ref, 5) for _ in range(5))

@@ -14,6 +14,7 @@ import warnings
 import pytest
 
 from aiopinned import PinnedPool, set_cupy_pinned_allocator
+from aiopinned._bench import copy_gbps
 
 from .conftest import until
 
@@ -105,14 +106,7 @@ async def test_views_are_pinned_and_copy_at_pinned_bandwidth() -> None:
         dst = torch.empty(n, dtype=torch.uint8, device="cuda")
 
         def gbps(t: object, reps: int = 5) -> float:
-            dst.copy_(t, non_blocking=True)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                dst.copy_(t, non_blocking=True)
-            end.record()
-            end.synchronize()
-            return n * reps / (start.elapsed_time(end) / 1e3) / 1e9
+            return copy_gbps(torch, t, dst, True, reps)
 
         ours, theirs = max(gbps(src) for _ in range(3)), max(gbps(ref) for _ in range(3))
         slow = gbps(pageable, 2)
