@@ -17,7 +17,7 @@ def pow2(n: int) -> int:
 
 
 class Block:
-    __slots__ = ("idle_since", "odd", "ptr", "size", "state", "streams")
+    __slots__ = ("home", "idle_since", "odd", "ptr", "size", "state", "streams")
 
     def __init__(self, ptr: int, size: int, odd: bool = False) -> None:
         self.ptr = ptr
@@ -28,6 +28,9 @@ class Block:
         #: when it last joined the free list (``time.monotonic()``; set where trimming is on)
         self.idle_since = 0.0
         self.state = FREE
+        #: its size's list in the free list, once it has been idle there (a class size's list
+        #: stays for the pool's life; an odd block has none): a buffer's free appends to it
+        self.home: list[Block] | None = None
         #: streams that used the block while it was handed out (the seed's ``streams_``)
         self.streams: set[Hashable] = set()
 

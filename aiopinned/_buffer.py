@@ -25,13 +25,16 @@ import ctypes
 import math
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from threading import Lock, get_ident
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ._block import Block
+from ._block import FREE, Block
 from .errors import InvalidBufferError
+
+if TYPE_CHECKING:
+    from ._freelist import FreeList
 
 _ORPHANS = Lock()  # serializes retiring buffers whose loop is gone (any threads, rare)
 
@@ -48,6 +51,13 @@ class BlockOwner(Protocol):
 
     #: the owner's loop thread (``-1`` before it opens)
     _thread_id: int
+    #: where ``free`` may put a block with no streams itself (on the loop thread, with nobody
+    #: waiting), else ``None``: ``_take_back`` does the rest
+    _back: FreeList | None
+
+    #: the callers waiting for a block (empty: nobody waits)
+    @property
+    def _waiters(self) -> Sized: ...
 
     def _call_on_loop(self, fn: Callable[[], object]) -> bool:
         """Run ``fn()`` on the owner's loop soon (any thread); ``False`` if the loop is gone."""
@@ -86,8 +96,9 @@ class PinnedBuffer:
         self._block = block
         self._nbytes = nbytes
         self._live = [True]
-        #: ``None`` (no view yet), a weak reference to the views' anchor, or ``_RETIRED``
-        self._anchor: weakref.ref[Any] | None = None
+        #: ``None`` (no view yet), a weak reference to the views' anchor, or ``_RETIRED`` (an
+        #: empty buffer is retired from the start: it has no block to hand back)
+        self._anchor: weakref.ref[Any] | None = None if block is not None else _RETIRED
 
     # -- what it is ---------------------------------------------------------------------------
     @property
@@ -192,21 +203,33 @@ class PinnedBuffer:
         Raises:
             InvalidBufferError: the buffer was already freed.
         """
-        if self._block is None:
-            self._live.clear()  # nothing to give back; freeing it again is no error either
-            return
         try:
             self._live.pop()
         except IndexError:
+            if self._block is None:
+                return  # an empty buffer: freeing it again is no error either
             raise InvalidBufferError("this buffer was already freed") from None
         owner = self._owner
         if get_ident() != owner._thread_id:
             self._settle_soon()
-        elif self._anchor is None:  # (the hit path: no view was ever made)
-            self._anchor = _RETIRED
-            owner._take_back(self._block)
-        else:
+        elif self._anchor is not None:  # a view was made (or the buffer is empty)
             self._settle()
+        else:  # the hit path: on the loop, no view was ever made, so it retires now
+            self._anchor = _RETIRED
+            block: Block = self._block  # type: ignore[assignment]  # (not empty: anchor None)
+            back = owner._back
+            if (
+                back is None
+                or block.streams
+                or owner._waiters
+                or (same := block.home) is None
+                or same
+            ):
+                owner._take_back(block)
+            else:  # (FreeList.add's commonest case, inline: none of its size is idle)
+                block.state = FREE
+                same.append(block)
+                back.nbytes += block.size
 
     def _retiring(self) -> bool:
         """Freed, not yet retired, and no view left: retire now (marks it retired)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bisect import insort
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
@@ -19,32 +20,36 @@ class FreeList:
 
     Order is the seed's ``(size, ptr)``: the smallest size that fits, and among blocks of that
     size the lowest address.  Blocks are grouped by size: ``_sizes`` (a ``SortedList``) holds the
-    sizes that have had idle blocks and ``lists`` each size's blocks, lowest address last (a
-    size whose list runs empty stays, so that a block cycling through the cache costs no sorted
-    insert or remove; the sorted path drops empty sizes it walks past).  Blocks almost always
-    have class sizes (``_sizes.Sizes``: what growth pins), and the class of ``n`` is then the
-    best fit, so a hit is two dict lookups and a ``list.pop`` before any sorted search.  Blocks
-    of other sizes (pinned to the exact size at a ``max_bytes`` edge) are counted, and while any
-    is idle every lookup takes the sorted path.
+    sizes that have had idle blocks and ``lists`` each size's blocks, lowest address last.
+    Blocks almost always have class sizes (``_sizes.Sizes``: what growth pins), and the class of
+    ``n`` is then the best fit, so a hit is one dict lookup (``hit``: request size -> its class's
+    list) and a ``list.pop`` before any sorted search.  Blocks of other sizes (pinned to the exact
+    size at a ``max_bytes`` edge) are counted, and while any is idle ``hit`` is empty, so every
+    lookup takes the sorted path.
 
-    The pool's hit paths (``allocate_nowait``, and a buffer coming back) inline the first branch
-    of ``take`` and of ``add`` over ``lists``, ``memo``, ``odd`` and ``nbytes``, and call them
-    for everything else: a change to these four must be made there too.
+    A class size's list, once made, stays for the pool's life (at most four per doubling of
+    size), so ``hit`` and each block's ``home`` (its size's list, once it has been idle) stay
+    good; the list of an odd size is dropped once it runs empty.  The pool's hit paths
+    (``allocate``, ``allocate_nowait``, and a buffer coming back) read ``hit``, append to an
+    empty ``home`` and keep ``nbytes`` themselves, and call ``take``/``add`` for everything else:
+    a change to these must be made there too.
 
     ``sizes.limit(n)`` bounds the block a request may take (``None``: any): otherwise a small
     request could sit in a big idle block while the cap keeps the next big request waiting
     forever (the best-fit trap); a block that is too big is left idle, where growth may unpin it.
     """
 
-    __slots__ = ("_sizes", "lists", "memo", "nbytes", "odd", "sizes")
+    __slots__ = ("_hits", "_sizes", "hit", "lists", "nbytes", "odd", "sizes")
 
     def __init__(self, sizes: Sizes) -> None:
         self.sizes = sizes
-        #: request size -> its class: the hot path's lookup, no call
-        self.memo = sizes.memo
         self._sizes = SortedList()
         #: size -> idle blocks of that size, sorted by descending address (pop() is the lowest)
         self.lists: dict[int, list[Block]] = {}
+        #: request size -> ``lists[its class]``, for the sizes ``take`` has seen
+        self._hits: dict[int, list[Block]] = {}
+        #: the hit paths' lookup: ``_hits`` while no odd block is idle, else empty
+        self.hit: Mapping[int, list[Block]] = self._hits
         #: idle blocks whose size is not a class size
         self.odd = 0
         #: the bytes the idle blocks hold
@@ -60,26 +65,26 @@ class FreeList:
 
     def add(self, block: Block) -> None:
         size = block.size
-        same = self.lists.get(size)
-        if same is None:
-            self.lists[size] = [block]
-            self._sizes.add(size)
-        elif not same:
-            same.append(block)
-        else:
-            insort(same, block, key=_neg_ptr)
+        same = self._list(size)
         if block.odd:
-            self.odd += 1
+            self._count_odd(1)
+        else:
+            block.home = same
+        if same:
+            insort(same, block, key=_neg_ptr)
+        else:
+            same.append(block)
         self.nbytes += size
 
     def take(self, size: int) -> Block | None:
         """Remove and return the smallest block that fits ``size`` (within the limit), or None."""
-        if not self.odd:  # (the hit: no odd block is idle, so this pop needs no odd check)
-            same = self.lists.get(self.memo.get(size) or self.sizes.size_class(size))
-            if same:
-                block = same.pop()
-                self.nbytes -= block.size
-                return block
+        same = self._list(self.sizes.size_class(size))
+        if len(self._hits) < 1 << 16:  # (past that, the lookup misses and comes here: still right)
+            self._hits[size] = same
+        if same and not self.odd:  # (no odd block is idle: the class is the best fit)
+            block = same.pop()
+            self.nbytes -= block.size
+            return block
         sizes, by_size, limit = self._sizes, self.lists, self.sizes.limit(size)
         i = sizes.bisect_left(size)
         while i < len(sizes):
@@ -88,15 +93,32 @@ class FreeList:
             same = by_size[sizes[i]]
             if same:
                 return self._pop(same)
-            del by_size[sizes.pop(i)]  # an empty size: drop it as we pass
+            if self._is_odd(sizes[i]):
+                del by_size[sizes.pop(i)]  # an odd size's empty list: dropped as we pass
+            else:
+                i += 1
         return None
+
+    def _list(self, size: int) -> list[Block]:
+        """The list of ``size``'s idle blocks, made if it has none."""
+        same = self.lists.get(size)
+        if same is None:
+            same = self.lists[size] = []
+            self._sizes.add(size)
+        return same
+
+    def _is_odd(self, size: int) -> bool:
+        return self.sizes.grow(size) != size
+
+    def _count_odd(self, change: int) -> None:
+        self.odd += change
+        self.hit = _NO_HITS if self.odd else self._hits
 
     def _pop(self, same: list[Block]) -> Block:
         block = same.pop()
-        size = block.size
         if block.odd:
-            self.odd -= 1
-        self.nbytes -= size
+            self._count_odd(-1)
+        self.nbytes -= block.size
         return block
 
     def remove(self, block: Block) -> None:
@@ -107,9 +129,14 @@ class FreeList:
 
     def take_all(self) -> list[Block]:
         blocks = [b for same in self.lists.values() for b in same]
-        self._sizes.clear()
-        self.lists.clear()
-        self.odd = self.nbytes = 0
+        for size in list(self.lists):
+            if self._is_odd(size):
+                del self.lists[size]
+                self._sizes.remove(size)
+            else:
+                self.lists[size].clear()  # (kept: the hit map and the blocks' homes hold it)
+        self.nbytes = 0
+        self._count_odd(-self.odd)
         return blocks
 
     def blocks(self) -> list[Block]:
@@ -119,6 +146,9 @@ class FreeList:
     def largest_first(self) -> Iterator[Block]:
         for size in reversed(self._sizes):
             yield from reversed(self.lists[size])  # (empty sizes yield nothing)
+
+
+_NO_HITS: Mapping[int, list[Block]] = MappingProxyType({})
 
 
 def _neg_ptr(block: Block) -> int:

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from aiopinned import HostStream, InvalidBufferError, PinnedBuffer, PinnedPool
-from aiopinned._block import Block
+from aiopinned._block import FREE, Block
+from aiopinned._freelist import FreeList
+from aiopinned._sizes import Sizes
 
 from .conftest import Gate, settle, until
 
@@ -144,6 +146,8 @@ class FakeOwner:
         self.posted: list[Callable[[], object]] = []
         self.taken: list[Block] = []
         self.orphaned: list[Block] = []
+        self._back: FreeList | None = None  # (all blocks to _take_back, unless a test sets it)
+        self._waiters: list[object] = []
 
     def _call_on_loop(self, fn: Callable[[], object]) -> bool:
         if self.loop_alive:
@@ -184,6 +188,35 @@ def test_free_on_the_loop_thread_hands_the_block_back_at_once() -> None:
         buf.free()
     with pytest.raises(InvalidBufferError):
         buf.record_stream(None)
+
+
+@pytest.mark.parametrize(
+    "case", ["inline", "no back", "streams", "waiters", "never idle", "sibling"]
+)
+def test_free_puts_a_block_in_its_empty_home_itself_and_leaves_the_rest_to_the_owner(
+    case: str,
+) -> None:
+    """The hit path's return: only a block with no streams, nobody waiting, and a home list with
+    nothing in it (so the seed's address order holds) goes back without ``_take_back``."""
+    owner, free = FakeOwner(), FreeList(Sizes("fine", capped=False))
+    owner._back = None if case == "no back" else free
+    block = Block(ctypes.addressof(MEMORY), 256)
+    if case != "never idle":
+        free.add(block)
+        assert free.take(256) is block and block.home == []
+    if case == "sibling":
+        free.add(Block(ctypes.addressof(MEMORY) + 256, 256))
+    buf = PinnedBuffer(owner, block, 256)
+    if case == "streams":
+        block.streams.add("s")
+    if case == "waiters":
+        owner._waiters.append(object())
+    buf.free()
+    if case == "inline":
+        assert owner.taken == [] and free.lists[256] == [block]
+        assert (block.state, free.nbytes, free.take(256)) == (FREE, 256, block)
+    else:
+        assert owner.taken == [block] and block not in free.blocks()
 
 
 def test_free_from_another_thread_hands_it_back_on_the_loop() -> None:

@@ -97,6 +97,81 @@ def test_random_adds_and_takes_match_a_sorted_model(seed: int) -> None:
         assert (len(free), free.nbytes) == (len(model), sum(s for s, _ in model))
 
 
+def hit_or_take(free: FreeList, n: int) -> Block | None:
+    """The pool's ``allocate_nowait``: the ``hit`` lookup and pop, else ``take``."""
+    same = free.hit.get(n)
+    if same:
+        block = same.pop()
+        free.nbytes -= block.size
+        return block
+    return free.take(n)
+
+
+def home_or_add(free: FreeList, block: Block) -> None:
+    """``PinnedBuffer.free``: into an empty ``home`` itself, else ``add``."""
+    same = block.home
+    if same is not None and not same:
+        same.append(block)
+        free.nbytes += block.size
+    else:
+        free.add(block)
+
+
+@pytest.mark.parametrize(("seed", "rounding"), [(s, r) for s in range(4) for r in ("pow2", "fine")])
+def test_the_hit_paths_match_a_sorted_model(seed: int, rounding: str) -> None:
+    """New blocks (odd ones too), takes and returns in random order, through the pool's inline
+    paths half the time: every take is still the seed's best fit within the limit."""
+    rng = random.Random(seed)
+    sizes = Sizes(rounding, capped=False)
+    free, model, out = FreeList(sizes), [], []  # model: idle (size, ptr), sorted; out: taken
+    ptr = 0x1000
+    for _ in range(3000):
+        roll = rng.random()
+        if roll < 0.2:
+            n = rng.randrange(1, 1 << 17)
+            size = sizes.grow(n) if rng.random() < 0.8 else n
+            ptr += 1 << 18
+            block = Block(ptr, size, sizes.grow(size) != size)
+            free.add(block)
+            model.append((size, ptr))
+        elif roll < 0.6 and out:
+            block = out.pop(rng.randrange(len(out)))
+            (home_or_add if rng.random() < 0.5 else FreeList.add)(free, block)
+            model.append((block.size, block.ptr))
+        else:
+            want = (
+                rng.choice([b for b, _ in model] or [1])
+                if rng.random() < 0.7
+                else rng.randrange(1, 1 << 17)
+            )
+            got = (hit_or_take if rng.random() < 0.5 else FreeList.take)(free, want)
+            limit = sizes.limit(want)
+            fit = next(((s, p) for s, p in sorted(model) if s >= want), None)
+            if fit is not None and limit is not None and fit[0] > limit:
+                fit = None
+            assert (None if got is None else (got.size, got.ptr)) == fit
+            if got is not None:
+                model.remove(fit)
+                out.append(got)
+        model.sort()
+        assert (len(free), free.nbytes) == (len(model), sum(s for s, _ in model))
+
+
+def test_hit_is_off_while_an_odd_block_is_idle_and_homes_outlive_take_all() -> None:
+    free = FreeList(Sizes("pow2", capped=False))
+    klass, odd = blocks(4096, 3000)
+    free.add(klass)
+    assert free.take(4000) is klass and free.hit.get(4000) == []  # seen: the class's list
+    free.add(odd)
+    assert free.hit.get(4000) is None  # an odd block is idle: every lookup is sorted
+    home_or_add(free, klass)
+    assert hit_or_take(free, 2900) is odd  # the best fit, not the class of 2900
+    assert free.hit.get(4000) == [klass]  # no odd block idle: the lookup is back
+    free.add(odd)
+    assert sorted(b.size for b in free.take_all()) == [3000, 4096]
+    assert 3000 not in free.lists and free.lists[4096] == [] and klass.home is free.lists[4096]
+
+
 def test_fine_classes_are_four_per_doubling_above_16_kib() -> None:
     assert [fine(n) for n in (1, 3000, 16 << 10)] == [1, 4096, 16 << 10]
     kib = 1 << 10
