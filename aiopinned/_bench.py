@@ -7,10 +7,11 @@ fuller comparisons.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,7 +62,7 @@ def step(title: str, total: int) -> Iterator[Callable[[], None]]:
         yield lambda: bar.update(1)
 
 
-def _torch() -> Any:
+def cuda_torch() -> Any:
     try:
         import torch
     except ImportError:
@@ -69,24 +70,62 @@ def _torch() -> Any:
     return torch if torch.cuda.is_available() else None
 
 
-def _per_call_us(fn: Callable[[], object], n: int, samples: int, tick: Tick) -> float:
-    times = []
-    for _ in range(samples):
+Sampler = Callable[[], "float | Awaitable[float]"]
+
+
+def hit_samplers(pool: PinnedPool, size: int, n: int, torch: Any = None) -> dict[str, Sampler]:
+    """Timers of ``n`` allocate + free pairs of ``size`` bytes (µs a pair): the pool's, awaited
+    and ``allocate_nowait``, and torch's pinned ``empty`` where ``torch`` is given."""
+
+    async def awaited() -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n * 1e6)
+            (await pool.allocate(size)).free()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def nowait() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pool.allocate_nowait(size).free()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    samplers: dict[str, Sampler] = {"await allocate + free": awaited}
+    samplers["allocate_nowait + free"] = nowait
+    if torch is not None:
+
+        def theirs() -> float:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                del_me = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                del del_me
+            return (time.perf_counter() - t0) / n * 1e6
+
+        torch.empty(size, dtype=torch.uint8, pin_memory=True)  # (its cache, warm)
+        samplers["torch.empty(pin_memory=True) + del"] = theirs
+    return samplers
+
+
+async def interleaved(
+    samplers: dict[str, Sampler], rounds: int, tick: Tick = lambda: None
+) -> dict[str, float]:
+    """Each sampler's median over ``rounds`` rounds, every round taking one sample of each in
+    turn (so that a machine's drift falls on all of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(rounds):
+        for name, sample in samplers.items():
+            result = sample()
+            times[name].append(await result if inspect.isawaitable(result) else result)
         tick()
-    return statistics.median(times)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 async def run(quick: bool) -> Report:
-    hits, samples = (2000, 5) if quick else (20000, 7)
+    hits, samples = (5000, 7) if quick else (20000, 11)
     pin_sizes = [16 * MiB, 64 * MiB, 256 * MiB] if quick else [64 * MiB, 256 * MiB, 1024 * MiB]
     async with PinnedPool() as pool:
         report = Report(pool.backend)
-        torch = _torch() if pool.backend == "cuda" else None
-        with step(f"cache hit, {samples} x {hits}", (2 if torch is None else 3) * samples) as tick:
+        torch = cuda_torch() if pool.backend == "cuda" else None
+        with step(f"cache hit, {samples} x {hits}", samples) as tick:
             await _hits(pool, torch, hits, samples, report, tick)
         sizes = ", ".join(f"{s // MiB} MiB" for s in pin_sizes)
         with step(f"pinning and releasing {sizes}", len(pin_sizes)) as tick:
@@ -103,23 +142,10 @@ async def run(quick: bool) -> Report:
 async def _hits(
     pool: PinnedPool, torch: Any, n: int, samples: int, report: Report, tick: Tick
 ) -> None:
-    (await pool.allocate(MiB)).free()
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            (await pool.allocate(MiB)).free()
-        times.append((time.perf_counter() - t0) / n * 1e6)
-        tick()
-    awaited = statistics.median(times)
-    nowait = _per_call_us(lambda: pool.allocate_nowait(MiB).free(), n, samples, tick)
-    peer = None
-    if torch is not None:
-        torch.empty(MiB, dtype=torch.uint8, pin_memory=True)
-        peer = _per_call_us(
-            lambda: torch.empty(MiB, dtype=torch.uint8, pin_memory=True), n, samples, tick
-        )
-    for name, us in (("await allocate + free", awaited), ("allocate_nowait + free", nowait)):
+    (await pool.allocate(MiB)).free()  # (the block, pinned)
+    med = await interleaved(hit_samplers(pool, MiB, n, torch), samples, tick)
+    peer = med.pop("torch.empty(pin_memory=True) + del", None)
+    for name, us in med.items():
         ratio = us / peer if peer else None
         report.rows.append(
             Row("cache hit, 1 MiB", name, us, "us", ratio, "torch" if peer else None)

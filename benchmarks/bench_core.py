@@ -15,7 +15,14 @@ import time
 from typing import Any
 
 from aiopinned import PinnedPool
-from aiopinned._bench import copy_gbps, pool_pin_release, torch_pin_release
+from aiopinned._bench import (
+    copy_gbps,
+    cuda_torch,
+    hit_samplers,
+    interleaved,
+    pool_pin_release,
+    torch_pin_release,
+)
 
 
 def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -48,45 +55,16 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
     plain = DictOfLists()
     plain.free(await plain.allocate(size))
 
-    async def ours_async() -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            (await pool.allocate(size)).free()
-        return (time.perf_counter() - t0) / n * 1e6
-
-    def ours_nowait() -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            pool.allocate_nowait(size).free()
-        return (time.perf_counter() - t0) / n * 1e6
-
     async def plain_hit() -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             plain.free(await plain.allocate(size))
         return (time.perf_counter() - t0) / n * 1e6
 
-    samples: dict[str, Any] = {
-        "await allocate + free": ours_async,
-        "allocate_nowait + free": ours_nowait,
-        "dict of lists + asyncio.Lock": plain_hit,
-    }
+    torch = cuda_torch() if pool.backend == "cuda" else None
+    samples = hit_samplers(pool, size, n, torch)
+    samples["dict of lists + asyncio.Lock"] = plain_hit
     if pool.backend == "cuda":
-        try:
-            import torch
-
-            torch.empty(size, dtype=torch.uint8, pin_memory=True)
-
-            def torch_hit() -> float:
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    del_me = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                    del del_me
-                return (time.perf_counter() - t0) / n * 1e6
-
-            samples["torch.empty(pin_memory=True) + del"] = torch_hit
-        except ImportError:
-            pass
         try:
             import cupy
 
@@ -103,12 +81,7 @@ async def cache_hit(pool: PinnedPool, n: int, size: int) -> list[tuple[str, str,
             samples["cupy PinnedMemoryPool malloc + del"] = cupy_hit
         except ImportError:
             pass
-    times: dict[str, list[float]] = {name: [] for name in samples}
-    for _ in range(11):  # interleaved
-        for name, sample in samples.items():
-            result = sample()
-            times[name].append(await result if asyncio.iscoroutine(result) else result)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    med = await interleaved(samples, 11)
     peers = [p for p in ("torch.empty(pin_memory=True) + del", "dict of lists + asyncio.Lock")
              if p in med]  # fmt: skip
     return [
