@@ -36,8 +36,7 @@ class Sizes:
         self.name = name
         self.grow = pow2 if name == "pow2" else fine
         self.bounded = name != "pow2" or capped
-        #: grow(n) for the sizes seen: the hot path looks here first (never cleared, so that
-        #: a reference to it stays good; bounded by the distinct sizes a process asks for)
+        #: grow(n) for the sizes seen (bounded by the distinct sizes a process asks for)
         self.memo: dict[int, int] = {}
 
     def size_class(self, n: int) -> int:
