@@ -19,8 +19,8 @@ class FreeList:
     """Best fit: ``take(n)`` pops the smallest idle block of at least ``n`` bytes.
 
     Order is the seed's ``(size, ptr)``: the smallest size that fits, and among blocks of that
-    size the lowest address.  Blocks are grouped by size: ``_sizes`` (a ``SortedList``) holds the
-    sizes that have had idle blocks and ``lists`` each size's blocks, lowest address last.
+    size the lowest address.  Blocks are grouped by size: ``lists`` holds each size's idle blocks,
+    lowest address last, and ``_sizes`` (a ``SortedList``) the sizes that have a list.
     Blocks almost always have class sizes (``_sizes.Sizes``: what growth pins), and the class of
     ``n`` is then the best fit, so a hit is one dict lookup (``hit``: request size -> its class's
     list) and a ``list.pop`` before any sorted search.  Blocks of other sizes (pinned to the exact

@@ -103,8 +103,9 @@ class Counters:
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
-        #: blocks that went back to the free list after their events or scrub (``process_events``
-        #: counts with it; the hit path's free does not count)
+        #: blocks that went back to the free list through the pool (after their events or
+        #: scrub, or freed beside an idle sibling; ``process_events`` counts with it), not the
+        #: ones ``PinnedBuffer.free`` put back itself
         self.returned = 0
         #: waits are counted when they begin (``waits.count``) and timed when they end
         self.waits = Timing()
