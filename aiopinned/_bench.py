@@ -89,8 +89,10 @@ def hit_samplers(pool: PinnedPool, size: int, n: int, torch: Any = None) -> dict
             pool.allocate_nowait(size).free()
         return (time.perf_counter() - t0) / n * 1e6
 
-    samplers: dict[str, Sampler] = {"await allocate + free": awaited}
-    samplers["allocate_nowait + free"] = nowait
+    samplers: dict[str, Sampler] = {
+        "await allocate + free": awaited,
+        "allocate_nowait + free": nowait,
+    }
     if torch is not None:
 
         def theirs() -> float:
