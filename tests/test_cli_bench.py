@@ -39,3 +39,20 @@ def test_the_table_and_the_plot(tmp_path: Path) -> None:
         pytest.skip("matplotlib is not installed: the message is checked, not the drawing")
     assert out.returncode == 0, out.stderr
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_core_benchmarks_hit_table_has_each_row_against_the_dict() -> None:
+    """``benchmarks/bench_core.py --hit-only``: both of the pool's calls and the plain baseline,
+    each with its ratio to the baseline (to torch too, where CUDA is there)."""
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_core.py"
+    out = subprocess.run([sys.executable, str(script), "--hit-only", "--hits", "300"],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if " us " in line]
+    names = {" ".join(r[: r.index("us") - 1]) for r in rows}
+    assert {
+        "await allocate + free",
+        "allocate_nowait + free",
+        "dict of lists + asyncio.Lock",
+    } <= names
+    assert all("dict" in r[-1] and float(r[r.index("us") - 1]) > 0 for r in rows)
