@@ -51,7 +51,7 @@ class Cache:
     def settle_pinned(self, plan: Plan, ptr: int) -> Block:
         """``plan``'s thread pinned a block at ``ptr``: it, registered."""
         self.reservations.settle(plan, pinned=True)
-        odd = self.free.sizes.size_class(plan.size) != plan.size
+        odd = self.free.sizes.grow(plan.size) != plan.size
         return self.register(Block(ptr, plan.size, odd))
 
     def settle_failed(self, plan: Plan, still_pinned: list[Block] | None = None) -> list[Block]:

@@ -78,7 +78,7 @@ class FreeList:
 
     def take(self, size: int) -> Block | None:
         """Remove and return the smallest block that fits ``size`` (within the limit), or None."""
-        same = self._list(self.sizes.size_class(size))
+        same = self._list(self.sizes.grow(size))
         if len(self._hits) < 1 << 16:  # (past that, the lookup misses and comes here: still right)
             self._hits[size] = same
         if same and not self.odd:  # (no odd block is idle: the class is the best fit)

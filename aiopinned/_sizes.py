@@ -30,25 +30,16 @@ class Sizes:
     """One pool's rule: ``grow(n)`` (the block to pin) and ``limit(n)`` (the largest idle block
     a request may take, ``None`` for any)."""
 
-    __slots__ = ("bounded", "grow", "memo", "name")
+    __slots__ = ("bounded", "grow", "name")
 
     def __init__(self, name: str, capped: bool) -> None:
         self.name = name
+        #: the size class of a request: the block growth pins for it
         self.grow = pow2 if name == "pow2" else fine
         self.bounded = name != "pow2" or capped
-        #: grow(n) for the sizes seen (bounded by the distinct sizes a process asks for)
-        self.memo: dict[int, int] = {}
-
-    def size_class(self, n: int) -> int:
-        c = self.memo.get(n)
-        if c is None:
-            c = self.grow(n)
-            if len(self.memo) < 1 << 16:  # (past that, computed each time: still right)
-                self.memo[n] = c
-        return c
 
     def limit(self, n: int) -> int | None:
         if not self.bounded:
             return None
-        c = self.size_class(n)
+        c = self.grow(n)
         return c if self.name == "pow2" else self.grow(c + 1)
