@@ -9,7 +9,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aiopinned", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="aiopinned", description=" ".join(__doc__.split()))
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="the backend, devices, versions, limits, and warnings")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -18,6 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--plot", metavar="FILE.png", help="draw wake latencies and pin times")
     args = parser.parse_args(argv)
+    if args.command == "bench" and args.plot:
+        from ._bench import pyplot
+
+        try:  # (before the benchmark runs, not after)
+            pyplot()
+        except ImportError as exc:
+            parser.error(str(exc))
     if args.command == "info":
         from ._info import gather, render
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from ._pool import PinnedPool
@@ -208,14 +209,23 @@ def copy_gbps(torch: Any, host: Any, dev: Any, to_device: bool, reps: int) -> fl
 
 
 async def _copies(pool: PinnedPool, torch: Any, report: Report, tick: Tick) -> None:
-    n = 64 * MiB
-    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    """Both buffers warmed first (the device tensor's first copies pay for its pages), then
+    the median of rounds that each time both in turn, so neither gets a cold or drifting GPU."""
+    n, rounds = 64 * MiB, 5
+    dev = torch.zeros(n, dtype=torch.uint8, device="cuda")
     ref = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     buf = await pool.allocate(n)
     ours = buf.torch()
     for to_device, name in ((True, "host->device"), (False, "device->host")):
-        a, b = copy_gbps(torch, ours, dev, to_device, 10), copy_gbps(torch, ref, dev, to_device, 10)
-        report.rows.append(Row("copy, 64 MiB", name, a, "GB/s", a / b, "torch pinned"))
+        samplers: dict[str, Sampler] = {
+            who: partial(copy_gbps, torch, host, dev, to_device, 10)
+            for who, host in (("ours", ours), ("torch", ref))
+        }
+        for sample in samplers.values():  # (warm-up: untimed)
+            sample()
+        med = await interleaved(samplers, rounds)
+        ratio = med["ours"] / med["torch"]
+        report.rows.append(Row("copy, 64 MiB", name, med["ours"], "GB/s", ratio, "torch pinned"))
         tick()
     del ours
     buf.free()
@@ -265,14 +275,20 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def plot(report: Report, path: str) -> None:
+def pyplot() -> Any:
+    """matplotlib's pyplot (drawing to files); ``ImportError`` saying what to install."""
     try:
         import matplotlib  # type: ignore[import-not-found]
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+        raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot(report: Report, path: str) -> None:
+    plt = pyplot()
     fig, (wake, pin) = plt.subplots(1, 2, figsize=(10, 4))
     wake.hist(report.wake_us, bins=30)
     wake.set(title="wake latency", xlabel="µs from copy end to waiter", ylabel="rounds")

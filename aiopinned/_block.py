@@ -17,7 +17,7 @@ def pow2(n: int) -> int:
 
 
 class Block:
-    __slots__ = ("home", "idle_since", "odd", "ptr", "size", "state", "streams")
+    __slots__ = ("graphs", "home", "idle_since", "odd", "ptr", "size", "state", "streams")
 
     def __init__(self, ptr: int, size: int, odd: bool = False) -> None:
         self.ptr = ptr
@@ -33,6 +33,9 @@ class Block:
         self.home: list[Block] | None = None
         #: streams that used the block while it was handed out (the seed's ``streams_``)
         self.streams: set[Hashable] = set()
+        #: captured CUDA graphs that may still read it (``_graphs``): it is not reused before
+        #: the last of them is gone
+        self.graphs = 0
 
     def __repr__(self) -> str:
         state = ("free", "allocated", "pending", "unpinned")[self.state]

@@ -6,9 +6,11 @@ to these for everything else.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
+import os
 
 from ._sizes import ROUNDINGS
 from .backends import Backend
@@ -74,17 +76,35 @@ def as_pinning(
     )
 
 
-def as_reserve(nbytes: object, block_bytes: object, max_bytes: int | None) -> list[int]:
-    """``reserve``'s blocks: ``nbytes`` in blocks of ``block_bytes`` (one block by default)."""
+@functools.cache
+def physical_memory() -> int:
+    """This machine's memory in bytes: more can never be pinned (pinned pages are resident)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not reported: no bound but the address space
+        return ADDRESS_LIMIT
+
+
+def too_large(size: int, cap: int, uncapped: bool) -> str:
+    """Why a request of ``size`` bytes is refused at once (``cap``: the pool's limit)."""
+    if uncapped:
+        return f"{size} bytes is more than this machine's memory ({cap} bytes): it cannot be pinned"
+    return f"{size} bytes is more than the pool's max_bytes ({cap})"
+
+
+def as_reserve(
+    nbytes: object, block_bytes: object, cap: int, uncapped: bool = False
+) -> tuple[int, int]:
+    """``reserve``'s total and its block size (the total, by default; the last block is the
+    remainder), both checked against ``cap`` (the pool's ``max_bytes``, else the machine's
+    memory)."""
     total = as_size(nbytes)
     block = total if block_bytes is None else as_size(block_bytes, "block_bytes")
     if block_bytes is not None and not block:
         raise ValueError("block_bytes must be > 0")
-    if not total:
-        return []
-    if max_bytes is not None and total > max_bytes:
-        raise ValueError(f"cannot reserve {total} bytes under max_bytes={max_bytes}")
-    return [block] * (total // block) + ([total % block] if total % block else [])
+    if total > cap:
+        raise ValueError(f"cannot reserve: {too_large(total, cap, uncapped)}")
+    return total, min(block, total)
 
 
 def as_rounding(rounding: object) -> str:

@@ -4,7 +4,9 @@ A plan (``Cache.plan``: bytes reserved, idle victims taken out) runs in a thread
 (``Pinning.grow``: unpin the victims, pin the block) and is settled on the loop:
 
 * pinned: the block, registered, for the caller to hand out;
-* refused (``PinnedMemoryError``): retried once after unpinning every idle block, as CuPy does;
+* refused (``PinnedMemoryError``): retried once after unpinning every idle block, as CuPy does
+  (not for ``reserve``, which unpins nothing to make room);
+* the pool closed meanwhile: ``PoolClosed``, the block (if any) cached for the close to unpin;
 * a victim could not be unpinned: nothing was pinned; the victims still pinned are cached again
   (and stay counted, so the cap still holds), and the backend's error is raised;
 * the caller left (cancelled, timed out): the thread's outcome is adopted when it ends, so a
@@ -28,25 +30,39 @@ from ._pinning import Pinning, StillPinned
 from ._reservations import Plan
 from ._stats import Counters
 from ._waiters import InFlight
-from .errors import PinnedMemoryError
+from .errors import PinnedMemoryError, PoolClosed
+
+CLOSED_MESSAGE = "the pool was closed while this call pinned"
 
 
 class Growth:
-    __slots__ = ("_cache", "_counts", "_give_back", "pinning")
+    __slots__ = ("_cache", "_counts", "_give_back", "_is_open", "pinning")
 
     def __init__(
-        self, cache: Cache, counts: Counters, give_back: Callable[[list[Block]], None]
+        self,
+        cache: Cache,
+        counts: Counters,
+        give_back: Callable[[list[Block]], None],
+        is_open: Callable[[], bool],
     ) -> None:
         self._cache = cache
         self._counts = counts
         self._give_back = give_back
+        #: whether the pool still hands out blocks (a pin that ends after it closed hands none)
+        self._is_open = is_open
         #: pinning threads running, their outcome not yet settled (a closing pool waits)
         self.pinning = InFlight()
 
-    async def grow(self, pinning: Pinning, plan: Plan, deadline: float, miss: int = 1) -> Block:
-        """Run ``plan``; the block it pinned (registered, not yet handed out)."""
+    async def grow(
+        self, pinning: Pinning, plan: Plan, deadline: float, miss: int = 1, retry: bool = True
+    ) -> Block:
+        """Run ``plan``; the block it pinned (registered, not yet handed out).  ``retry``: on
+        ``PinnedMemoryError``, unpin every idle block and try once more.
+
+        Raises ``PoolClosed`` where the pool closed meanwhile (the block, if pinned, is cached
+        for the close to unpin)."""
         self._counts.cache_misses += miss
-        cache, retried = self._cache, False
+        cache, retried = self._cache, not retry
         while True:
             self.pinning.started()  # finished here, or by _adopt if the caller leaves first
             try:
@@ -56,9 +72,12 @@ class Growth:
                 self.pinning.finished()
                 self._give_back(cache.settle_failed(plan, exc.blocks))
                 raise exc.error from None
-            except PinnedMemoryError:
+            except PinnedMemoryError as exc:
                 self.pinning.finished()
                 cache.settle_failed(plan)
+                if not self._is_open():
+                    self._give_back([])
+                    raise PoolClosed(CLOSED_MESSAGE) from exc
                 if retried or not cache.free:
                     self._give_back([])
                     raise
@@ -71,28 +90,44 @@ class Growth:
                 raise
             if scope.cancelled_caught:  # the block is adopted once it is pinned
                 raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
+            block = cache.settle_pinned(plan, ptr)
+            if not self._is_open():  # (cached, for the closing pool to unpin with the rest)
+                self._give_back([block])
+                self.pinning.finished()
+                raise PoolClosed(CLOSED_MESSAGE)
             self.pinning.finished()
-            return cache.settle_pinned(plan, ptr)
+            return block
 
     async def reserve(
         self,
         pinning: Pinning,
-        sizes: list[int],
+        total: int,
+        block_bytes: int,
         progress: Callable[[int, int], object] | None,
     ) -> int:
-        """Pin a block of each of ``sizes`` into the cache, one after another; the bytes pinned.
+        """Pin ``total`` bytes into the cache in blocks of ``block_bytes`` (the last one the
+        remainder), one after another; the bytes pinned.
 
         Each block joins the free list as soon as it is pinned, so a cancelled reserve keeps
         what it pinned (and a block in flight is adopted).  Stops early where the cap leaves no
-        room (it unpins no idle block for this).
+        room, and raises where the system refuses to pin more: it unpins no idle block for
+        either.  Raises ``PoolClosed`` once the pool is closing.
         """
-        done, total = 0, sum(sizes)
-        for size in sizes:
+        done = 0
+        while done < total:
+            if not self._is_open():
+                raise PoolClosed(CLOSED_MESSAGE)
+            size = min(block_bytes, total - done)
             if self._cache.reservations.room() < size:
                 break
             plan = self._cache.plan(size, exact=True)
             assert plan is not None and not plan.victims
-            block = await self.grow(pinning, plan, math.inf, miss=0)
+            try:
+                block = await self.grow(pinning, plan, math.inf, miss=0, retry=False)
+            except PinnedMemoryError as exc:
+                raise PinnedMemoryError(
+                    f"reserve pinned {done} of {total} bytes (kept in the cache), then: {exc}"
+                ) from exc
             self._give_back([block])
             done += block.size
             if progress is not None:

@@ -84,6 +84,9 @@ class Pinning:
             ctypes.memset(block.ptr, 0, block.size)
             if not self._port.post(self._scrubbed, then):
                 return  # the loop is gone: nobody to give the block to
+            # ``then`` holds the pool: a name left bound while this thread waits for the next
+            # job would keep a pool dropped without aclose() (and its pinned memory) alive
+            del job, block, then
 
     def _scrubbed(self, then: Callable[[], object]) -> None:
         then()

@@ -19,11 +19,12 @@ from ._block import ALLOCATED, FREE, PENDING, Block
 from ._buffer import PinnedBuffer
 from ._cache import Cache
 from ._freelist import FreeList
+from ._graphs import GraphHolds
 from ._growth import Growth
 from ._loopport import LoopGone
 from ._reservations import Plan
-from ._runtime import NOT_OPEN, NOT_OPEN_MESSAGE, Runtime
-from ._stats import Counters, PoolStats
+from ._runtime import NOT_OPEN, NOT_OPEN_MESSAGE, Runtime, warn_late_free, warn_live
+from ._stats import Counters, PoolStats, taken_on_loop
 from ._trim import Trim
 from ._waiters import ParkingLot
 from .backends import Backend
@@ -32,7 +33,6 @@ from .errors import InvalidBufferError, PoolClosed, WouldBlock
 __all__ = ["PinnedPool"]
 
 _NEW, _OPEN, _CLOSING, _CLOSED = range(4)
-_NO_CAP = 1 << 80  # larger than any request; keeps the cap check a plain int compare
 _new_buffer = object.__new__
 
 
@@ -78,7 +78,8 @@ class PinnedPool:
         self._max_bytes = check.as_max_bytes(max_bytes)
         self._spin_s = check.as_seconds(spin_s, "spin_s")
         self._scrub = check.as_flag(scrub, "scrub")
-        self._cap = _NO_CAP if self._max_bytes is None else self._max_bytes
+        #: the largest request: the cap, else this machine's memory (pinned memory is resident)
+        self._cap = check.physical_memory() if self._max_bytes is None else self._max_bytes
         self._rt: Runtime = NOT_OPEN
         self._thread_id = -1  # the loop thread, once open
         self._hit_thread = -1  # the same, while open: the hit paths' one check of both
@@ -91,7 +92,8 @@ class PinnedPool:
         self._counts = Counters()
         self._lot: ParkingLot[Block | Plan] = ParkingLot(self._pass_on, self._counts.waited)
         self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
-        self._growth = Growth(self._cache, self._counts, self._return_blocks)
+        self._growth = Growth(self._cache, self._counts, self._return_blocks, self._open_now)
+        self._graphs = GraphHolds(self._graph_done)
 
     async def open(self) -> PinnedPool:
         """Start the pool on the running loop (``async with`` does this)."""
@@ -106,6 +108,7 @@ class PinnedPool:
         self._rt, self._thread_id = rt, rt.port.thread_id
         self._hit_thread = self._thread_id
         self._trim.start(rt.port, rt.pinning, self._unpinned)
+        self._graphs.start(rt.backend, rt.port, self._thread_id)
         return self
 
     async def aclose(self) -> None:
@@ -121,10 +124,13 @@ class PinnedPool:
         self._trim.stop()
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
-            for busy in (rt.watcher.pending, self._growth.pinning, rt.pinning.background):
-                await busy.wait_idle()  # copies, pins (adopted if their caller left), scrubs
+            busy = (rt.watcher.pending, self._growth.pinning, rt.pinning.background)
+            while any(b.count for b in busy):  # (one ending may start another: wait for all)
+                for b in busy:
+                    await b.wait_idle()  # copies, pins (adopted if their caller left), scrubs
             victims = self._cache.take_idle()
             self._state, self._back = _CLOSED, None
+            warn_live(self, self._cache.registry.blocks())
             await self._unpin_idle(victims)
         finally:
             if self._state == _CLOSED:
@@ -187,10 +193,16 @@ class PinnedPool:
     ) -> int:
         """Pin ``nbytes`` into the cache before traffic comes, in blocks of ``block_bytes``
         (default one), off the loop, under the cap; ``progress(done, total)`` runs on the loop
-        after each block; a cancel keeps what is pinned.  Returns the bytes pinned."""
-        sizes = check.as_reserve(nbytes, block_bytes, self._max_bytes)
+        after each block; a cancel keeps what is pinned.  Returns the bytes pinned: less than
+        ``nbytes`` where the cap is full (no idle block is unpinned for it).
+
+        Raises ``PinnedMemoryError`` where the system refuses to pin more (what was pinned is
+        kept), and ``PoolClosed`` where the pool closed meanwhile."""
+        total, block = check.as_reserve(nbytes, block_bytes, self._cap, self._max_bytes is None)
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be callable, not {type(progress).__name__}")
         self._check_request(0)
-        return await self._growth.reserve(self._rt.pinning, sizes, progress)
+        return await self._growth.reserve(self._rt.pinning, total, block, progress)
 
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
         """A cached block at once, or :class:`WouldBlock` wherever ``allocate`` would wait, and
@@ -273,7 +285,8 @@ class PinnedPool:
 
         ``obj`` is a :class:`PinnedBuffer`, an int address, or anything with ``data_ptr()`` or
         ``__array_interface__``; an address anywhere inside a live block counts.  Returns
-        ``False`` for memory that is not a live allocation of this pool.
+        ``False`` for memory that is not a live allocation of this pool.  On a stream capturing
+        a CUDA graph, the block is kept until that graph is destroyed (its replays read it).
         """
         if isinstance(obj, PinnedBuffer):
             return obj.record_stream(stream) if obj.pool is self else self._record(None, stream)
@@ -292,6 +305,7 @@ class PinnedPool:
         """Wait, without blocking the loop, for all work queued on ``stream`` so far."""
         self._check_loop()
         key = self._rt.backend.normalize_stream(stream)
+        self._graphs.check_not_capturing(key)
         done = anyio.Event()
         self._rt.watcher.after((key,), done.set)
         await done.wait()
@@ -332,14 +346,22 @@ class PinnedPool:
     def closed(self) -> bool:
         return self._state >= _CLOSING
 
-    def stats(self) -> PoolStats:
-        """A frozen snapshot of the pool's counters; safe from any thread (a metrics scrape)."""
+    def stats(self, *, timeout: float = 1.0) -> PoolStats:
+        """A frozen snapshot of the pool's counters, at one instant; safe from any thread (a
+        metrics scrape): from another thread it is taken on the pool's loop, waiting at most
+        ``timeout`` seconds for it (``TimeoutError``: the loop is blocked)."""
+        wait = check.as_timeout(timeout)
+        if get_ident() == self._thread_id or self._state != _OPEN:
+            return self._snapshot()
+        return taken_on_loop(self._rt.port, self._snapshot, wait)
+
+    def _snapshot(self) -> PoolStats:
         pending = 0 if self._rt is NOT_OPEN else len(self._rt.watcher)
         return self._counts.snapshot(backend=self.backend, max_bytes=self._max_bytes,
             pending_events=pending, waiters=len(self._lot), **self._cache.gauges())  # fmt: skip
 
     def __repr__(self) -> str:
-        s, state = self.stats(), ("new", "open", "closing", "closed")[self._state]
+        s, state = self._snapshot(), ("new", "open", "closing", "closed")[self._state]
         return (
             f"<PinnedPool {s.backend} {state} reserved={s.reserved_bytes}/{s.max_bytes} "
             f"active={s.active_requests} free_blocks={s.free_blocks} waiters={s.waiters}>"
@@ -355,8 +377,11 @@ class PinnedPool:
         self._check_open()
         self._check_loop()
         if size > self._cap:
-            raise ValueError(f"{size} bytes is more than the pool's max_bytes ({self._max_bytes})")
+            raise ValueError(check.too_large(size, self._cap, self._max_bytes is None))
         return size
+
+    def _open_now(self) -> bool:
+        return self._state == _OPEN
 
     def _check_open(self) -> None:
         if self._state == _NEW:
@@ -406,6 +431,11 @@ class PinnedPool:
     def _take_back(self, block: Block) -> None:
         """A buffer is done with ``block``: it comes back now, or after its streams' events
         (``PinnedBuffer.free`` puts it back itself in the commonest case)."""
+        if self._state == _CLOSED:
+            warn_late_free(block)
+        if block.graphs or (block.streams and self._graphs.held_at_free(block)):
+            block.state = PENDING  # (until the last graph that may replay work on it is gone)
+            return
         if self._state == _CLOSED or not (block.streams or self._scrub):
             self._return_block(block)
             return
@@ -439,16 +469,26 @@ class PinnedPool:
         if self._trim.on:
             self._trim.returned(block)
 
+    def _graph_done(self, block: Block) -> None:
+        """The last graph holding freed ``block`` is gone: on to its streams and the free list."""
+        if self._state == _CLOSED:
+            self._return_block(block)
+        else:
+            self._take_back(block)
+
     def _orphaned(self, block: Block) -> None:
         """Closed, or the loop gone (any thread, finalizers too): unpin once the block's streams
-        are done, in the reaper thread; at interpreter exit, left to the process's end."""
+        are done, in the reaper thread; at interpreter exit, left to the process's end.  A block
+        that a graph holds stays pinned (its release can no longer reach the loop)."""
         self._cache.forget(block)
-        self._rt.pinning.unpin_after_streams(block)
+        if not block.graphs:
+            self._rt.pinning.unpin_after_streams(block)
 
     def _record(self, block: Block | None, stream: object) -> bool:
         key = self._rt.backend.normalize_stream(stream)
         if block is None:
             return False
+        self._graphs.record(block, key)
         if get_ident() == self._thread_id or not self._rt.port.post(block.streams.add, key):
             block.streams.add(key)  # (on the loop, or with the loop gone: no one to race with)
         return True

@@ -7,11 +7,12 @@ A pool holds one :class:`Runtime` from ``open()`` on, never ``None``: before tha
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import NoReturn, cast
 
 import anyio
 
-from ._block import Block
+from ._block import ALLOCATED, Block
 from ._events import EventWatcher
 from ._loopport import LoopPort, start_reaper
 from ._pinning import Pinning
@@ -69,6 +70,29 @@ class Runtime:
         self.watcher.stop()
         self.pinning.close()
         self.backend.close()
+
+
+def warn_live(pool: object, blocks: Iterable[Block]) -> None:
+    """A pool closes: say how many buffers are still out (each is unpinned once freed)."""
+    live = [b for b in blocks if b.state == ALLOCATED]
+    if live:
+        warnings.warn(
+            f"{len(live)} PinnedBuffer(s) of {sum(b.size for b in live)} bytes were still out "
+            f"when {pool!r} closed: free() them before aclose(); each is unpinned once freed",
+            ResourceWarning,
+            stacklevel=4,
+            source=pool,
+        )
+
+
+def warn_late_free(block: Block) -> None:
+    """A buffer is freed after its pool closed (its block is unpinned now)."""
+    warnings.warn(
+        f"a PinnedBuffer of {block.size} bytes was freed after its pool closed: its block is "
+        "unpinned now; free buffers before aclose()",
+        ResourceWarning,
+        stacklevel=4,
+    )
 
 
 class _NotOpen:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ._loopport import LoopGone, LoopPort
 
 #: upper bounds (seconds) of the histogram buckets of waits and pins; the last bucket is +Inf
 TIME_BUCKETS_S = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -146,3 +149,17 @@ class Counters:
                 wait_time_buckets=tuple(waits.buckets),
                 host_alloc_time_buckets=tuple(pins.buckets),
             )
+
+
+def taken_on_loop(port: LoopPort, take: Callable[[], PoolStats], timeout: float) -> PoolStats:
+    """``take()`` on the pool's loop, from another thread: the loop changes the counts between
+    any two reads, so only there is a snapshot one instant.  ``TimeoutError`` past ``timeout``
+    seconds; where the loop has stopped nothing changes them, and ``take()`` runs here."""
+
+    async def run() -> PoolStats:
+        return take()
+
+    try:
+        return port.call(run, timeout=timeout, on_orphan=lambda _: None)
+    except LoopGone:
+        return take()

@@ -7,18 +7,26 @@ a pool keeps what it pinned unless told otherwise):
   the longest are unpinned until they do not;
 * ``idle_timeout_s``: blocks idle longer than this are unpinned, checked every half of it.
 
-Unpinning runs in a thread (``Pinning.unpin_soon``); the pool settles the bytes when it is done.
+Unpinning runs in a thread (``Pinning.unpin_soon``); the pool settles the bytes when it is done,
+and only what was unpinned counts as trimmed.  A block whose unpin failed goes back to the free
+list and is not tried again for a while (``RETRY_S``, doubling on each failure up to
+``RETRY_MAX_S``), so a failing unpin costs a thread and a log line per back-off, not a storm.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 from ._block import Block
 from ._cache import Cache
 from ._loopport import LoopPort
 from ._pinning import Pinning
+
+#: seconds before a block whose unpin failed is tried again, doubling up to ``RETRY_MAX_S``
+RETRY_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 class Trim:
@@ -26,6 +34,7 @@ class Trim:
         "_cache",
         "_cancel",
         "_done",
+        "_failed",
         "_pinning",
         "_port",
         "idle_s",
@@ -39,6 +48,8 @@ class Trim:
         #: either bound set (the free path's one check)
         self.on = max_idle_bytes is not None or idle_s is not None
         self._cancel: Callable[[], None] | None = None
+        #: blocks whose unpin failed: when to try again, and the back-off after that
+        self._failed: dict[Block, tuple[float, float]] = {}
 
     def start(
         self, port: LoopPort, pinning: Pinning, done: Callable[[list[Block], list[Block]], None]
@@ -49,17 +60,24 @@ class Trim:
             self._cancel = port.call_later(self.idle_s / 2, self._tick)
 
     def stop(self) -> None:
+        self.on = False  # (a back-off's retry that is still due finds nothing to do)
+        self._failed.clear()
         if self._cancel is not None:
             self._cancel()
             self._cancel = None
 
     def returned(self, block: Block) -> None:
         """Loop thread: ``block`` has just joined the free list."""
-        block.idle_since = time.monotonic()
+        if block not in self._failed:  # (a failed one keeps its age: it is still the oldest)
+            block.idle_since = time.monotonic()
+        self._bound()
+
+    def _bound(self) -> None:
+        """Unpin the oldest idle blocks past ``max_idle_bytes`` (those in back-off excepted)."""
         free = self._cache.free
-        if self.max_idle_bytes is not None and free.nbytes > self.max_idle_bytes:
+        if self.on and self.max_idle_bytes is not None and free.nbytes > self.max_idle_bytes:
             over, victims = free.nbytes - self.max_idle_bytes, []
-            for idle in sorted(free.blocks(), key=lambda b: b.idle_since):
+            for idle in sorted(self._tryable(), key=lambda b: b.idle_since):
                 if over <= 0:
                     break
                 victims.append(idle)
@@ -69,13 +87,39 @@ class Trim:
     def _tick(self) -> None:
         assert self.idle_s is not None
         old = time.monotonic() - self.idle_s
-        self._unpin([b for b in self._cache.free.blocks() if b.idle_since <= old])
+        self._unpin([b for b in self._tryable() if b.idle_since <= old])
         self._cancel = self._port.call_later(self.idle_s / 2, self._tick)
+
+    def _retry(self, block: Block) -> None:
+        """A failed block's back-off is over (timers may fire a little early: it is due now)."""
+        if block in self._failed:
+            self._failed[block] = (0.0, self._failed[block][1])
+            self._bound()
+
+    def _tryable(self) -> list[Block]:
+        """The idle blocks, but for those whose failed unpin is not to be tried again yet."""
+        blocks, failed = self._cache.free.blocks(), self._failed
+        if not failed:
+            return blocks
+        now = time.monotonic()
+        return [b for b in blocks if b not in failed or failed[b][0] <= now]
 
     def _unpin(self, victims: list[Block]) -> None:
         if victims:
             for block in victims:
                 self._cache.free.remove(block)
                 self._cache.forget(block)
-            self._cache.trimmed(victims)
-            self._pinning.unpin_soon(victims, then=lambda still: self._done(victims, still))
+            self._pinning.unpin_soon(victims, then=lambda still: self._settled(victims, still))
+
+    def _settled(self, victims: list[Block], still: list[Block]) -> None:
+        """Loop thread: the trim's thread is done; ``still`` could not be unpinned."""
+        failed, now = self._failed, time.monotonic()
+        self._cache.trimmed([b for b in victims if b not in still])
+        for block in victims:
+            if block in still:
+                wait = min(failed[block][1] * 2, RETRY_MAX_S) if block in failed else RETRY_S
+                failed[block] = (now + wait, wait)
+                self._port.call_later(wait, partial(self._retry, block))
+            else:
+                failed.pop(block, None)
+        self._done(victims, still)

@@ -2,11 +2,15 @@
 
 >>> from prometheus_client import REGISTRY              # doctest: +SKIP
 >>> REGISTRY.register(PoolCollector(pool, name="staging"))
+>>> REGISTRY.register(PoolCollector({"main": pool, "lane": lane}))  # several: one collector
 
 :class:`PoolCollector` is a custom collector: each scrape reads ``pool.stats()`` (safe from any
 thread, such as ``prometheus_client``'s HTTP server thread) and reports it under the
 ``aiopinned_`` prefix in base units (bytes, seconds), labelled with the pool's ``device``
-(``cuda:0``, ``host``) and ``pool`` name, plus any ``labels`` given.
+(``cuda:0``, ``host``) and ``pool`` name, plus any ``labels`` given.  Several pools go in one
+collector, so that each metric family is written once (the exposition formats allow one
+``HELP``/``TYPE`` per name); its ``describe`` names the families, so a registry refuses a second
+collector of the same names at ``register`` instead of writing them twice at every scrape.
 
 Several worker processes (uvicorn or gunicorn workers, each with its own pool): a custom collector
 is not shared between processes, so in ``prometheus_client``'s multiprocess mode
@@ -33,6 +37,8 @@ except ImportError as _exc:  # pragma: no cover - the optional extra is missing
     raise ImportError(
         "aiopinned.metrics needs prometheus_client: pip install 'aiopinned[prometheus]'"
     ) from _exc
+
+import re
 
 import anyio
 
@@ -74,13 +80,30 @@ HISTOGRAMS: tuple[tuple[str, str, ReadTimes], ...] = (
 )  # fmt: skip
 
 
-def _labels(pool: PinnedPool, name: str, labels: Mapping[str, str] | None) -> dict[str, str]:
-    """The labels and their values, read afresh at each scrape: ``device`` is the backend
-    (``cuda:1``, ``host``), known once the pool is open."""
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _checked(name: object, labels: object) -> dict[str, str]:
+    """A pool's name and extra labels, checked now (a bad one would fail every scrape later)."""
+    if not isinstance(name, str):
+        raise TypeError(f"the pool's name must be a str, not {type(name).__name__}")
+    if labels is not None and not isinstance(labels, Mapping):
+        raise TypeError(f"labels must be a mapping of str to str, not {type(labels).__name__}")
     extra = dict(labels or {})
+    for key, value in extra.items():
+        if not isinstance(key, str) or not _LABEL_NAME.fullmatch(key) or key.startswith("__"):
+            raise ValueError(f"{key!r} is not a Prometheus label name")
+        if not isinstance(value, str):
+            raise TypeError(f"label {key!r} must have a str value, not {type(value).__name__}")
     clash = {"device", "pool"} & set(extra)
     if clash:
         raise ValueError(f"labels may not redefine {sorted(clash)}: the collector sets them")
+    return extra
+
+
+def _labels(pool: PinnedPool, name: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """The labels and their values, read afresh at each scrape: ``device`` is the backend
+    (``cuda:1``, ``host``), known once the pool is open."""
     device = pool.backend if pool.device is None else f"{pool.backend}:{pool.device}"
     return {"device": device, "pool": name, **extra}
 
@@ -94,34 +117,55 @@ def _cumulative(buckets: tuple[int, ...]) -> list[tuple[str, int]]:
 
 
 class PoolCollector:
-    """A Prometheus collector of one pool's figures; register it with any registry."""
+    """A Prometheus collector of one pool's figures, or of several pools' (``{name: pool}``:
+    each family once, a sample per pool); register it with any registry."""
 
     def __init__(
-        self, pool: PinnedPool, *, name: str = "default", labels: Mapping[str, str] | None = None
+        self,
+        pools: PinnedPool | Mapping[str, PinnedPool],
+        *,
+        name: str = "default",
+        labels: Mapping[str, str] | None = None,
     ) -> None:
-        if not isinstance(pool, PinnedPool):
-            raise TypeError(f"PoolCollector takes a PinnedPool, not {type(pool).__name__}")
-        self._pool, self._name, self._extra = pool, name, labels
-        _labels(pool, name, labels)  # (checked now)
+        named = {name: pools} if isinstance(pools, PinnedPool) else pools
+        if not isinstance(named, Mapping) or not named:
+            raise TypeError(
+                "PoolCollector takes a PinnedPool or a non-empty mapping of names to pools, not "
+                f"{type(pools).__name__}"
+            )
+        for key, pool in named.items():
+            _checked(key, None)
+            if not isinstance(pool, PinnedPool):
+                raise TypeError(f"PoolCollector takes PinnedPools, not {type(pool).__name__}")
+        self._pools, self._extra = dict(named), _checked(name, labels)
 
     def describe(self) -> list[Metric]:
-        return []  # (no scrape at registration: the pool may not be open yet)
+        """The families, without samples (the pools may not be open yet): a registry checks
+        their names against the collectors it has."""
+        return list(self._families([]))
 
     def collect(self) -> Iterator[Metric]:
-        stats, labels = self._pool.stats(), _labels(self._pool, self._name, self._extra)
-        keys, values = list(labels), list(labels.values())
+        return self._families(
+            [(_labels(pool, name, self._extra), pool.stats()) for name, pool in self._pools.items()]
+        )
+
+    def _families(self, samples: list[tuple[dict[str, str], PoolStats]]) -> Iterator[Metric]:
+        keys = list(_labels(next(iter(self._pools.values())), "", self._extra))
         for name, doc, read in GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=keys)
-            gauge.add_metric(values, read(stats))
+            for labels, stats in samples:
+                gauge.add_metric(list(labels.values()), read(stats))
             yield gauge
         for name, doc, read in COUNTERS:
             counter = CounterMetricFamily(name, doc, labels=keys)
-            counter.add_metric(values, read(stats))
+            for labels, stats in samples:
+                counter.add_metric(list(labels.values()), read(stats))
             yield counter
         for name, doc, times in HISTOGRAMS:
-            buckets, total_us = times(stats)
             histogram = HistogramMetricFamily(name, doc, labels=keys)
-            histogram.add_metric(values, _cumulative(buckets), total_us / 1e6)
+            for labels, stats in samples:
+                buckets, total_us = times(stats)
+                histogram.add_metric(list(labels.values()), _cumulative(buckets), total_us / 1e6)
             yield histogram
 
 
@@ -140,8 +184,9 @@ class MultiProcessPublisher:
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, not {interval_s!r}")
-        self._pool, self._interval_s, self._name, self._extra = pool, interval_s, name, labels
-        keys = list(_labels(pool, name, labels))
+        extra = _checked(name, labels)
+        self._pool, self._interval_s, self._name, self._extra = pool, interval_s, name, extra
+        keys = list(_labels(pool, name, extra))
         self._gauges = [
             (Gauge(n, doc, keys, registry=None, multiprocess_mode="livesum"), read)
             for n, doc, read in GAUGES

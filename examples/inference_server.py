@@ -97,12 +97,13 @@ async def handle_infer(
     n = int(length) if length.isdigit() else 0
     if not 0 < n <= rows * row or n % row:
         why = f"the body must be float32 rows of {row} bytes, 1 to at most {rows}"
-        return _http.refuse(c, 413 if n > rows * row else 400 if length else 411, why)
+        return await _http.refuse_unread(request, c, 413 if n > rows * row else 400, why, args)
     with _http.cancelled_on_disconnect(request) as scope:
         try:  # the admission ticket: one buffer for the body and the answer
             need = n // row * 4 * (d_in + d_out)
             async with await admit(server, need, args.admit_timeout) as buf:
-                await _http.read_into(request, buf.memoryview()[:n], args.read_timeout)
+                rate = args.body_min_rate  # (no view of the buffer may outlive the request)
+                await _http.read_into(request, buf.memoryview()[:n], args.read_timeout, rate)
                 c["in_flight"] += 1
                 try:
                     answer = await infer(server, buf, n // row)
@@ -114,8 +115,10 @@ async def handle_infer(
             return _http.refuse(c, e.status, str(e))
         except ClientDisconnect:
             scope.cancel()
-    c["client_gone" if scope.cancel_called else "ok"] += 1
-    return Response(status_code=499) if scope.cancel_called else Response(answer)
+    if scope.cancel_called:  # the client left, or the server is shutting down
+        return _http.ended(request, c)
+    c["ok"] += 1
+    return Response(answer)
 
 
 def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = admit) -> Starlette:
@@ -142,13 +145,17 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=_http.HelpWithDefaults
+    )
     parser.add_argument("--max-mib", type=float, default=16, help="the pool's cap (MiB)")
-    parser.add_argument("--lane-mib", type=float, help="small requests' pool (max-mib / 16)")
-    parser.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto")
-    parser.add_argument("--dims", help="layer widths, e.g. 256,512,512,256 (default by device)")
+    parser.add_argument("--lane-mib", type=float, help="small requests' pool (default: max-mib/16)")
+    parser.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto",
+                        help="cuda where a GPU is usable, else host")  # fmt: skip
+    parser.add_argument("--dims", help="layer widths, e.g. 256,512,512,256 (default: by device)")
     parser.add_argument("--streams", type=int, default=8, help="device streams")
-    parser.add_argument("--admit-timeout", type=float, default=5, help="wait, then 503")
+    parser.add_argument("--admit-timeout", type=float, default=5,
+                        help="seconds to wait for a buffer, then 503")  # fmt: skip
     _http.add_http_arguments(parser)  # serve, --host, --port, timeouts, --http, --workers
     args = parser.parse_args(argv)
     args.max_bytes = int(args.max_mib * (1 << 20) / args.workers)  # each worker's share
@@ -157,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.retry_after = str(max(1, round(args.admit_timeout)))
     if min(args.max_bytes, args.lane_bytes, args.streams) < 1 or len(args.dims or "ab") < 2:
         parser.error("--max-mib must be > 0, --streams >= 1, and --dims two widths or more")
-    return args
+    return _http.checked(parser, args)
 
 
 def main(argv: list[str] | None = None, infer: Infer = infer, admit: Admit = admit) -> None:

@@ -237,12 +237,16 @@ class _FakeRuntime:
     class CUresult:
         CUDA_SUCCESS = 0
 
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeRelaxed = 0, 2
+
     cudaHostRegisterPortable = cudaHostAllocPortable = cudaEventDisableTiming = 1
 
     def __init__(self, devices: int = 1, refuse_registration: bool = False) -> None:
         self.devices, self.refuse = devices, refuse_registration
         self.allocs: list[int] = []
         self.calls: list[tuple[str, int]] = []
+        self.modes: list[int] = []  # each call's thread's stream-capture mode
         self._thread = threading.local()
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,6 +258,13 @@ class _FakeRuntime:
 
     def context(self) -> int:
         return getattr(self._thread, "ctx", 0)
+
+    def mode(self) -> int:
+        return getattr(self._thread, "mode", self.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)
+
+    def cudaThreadExchangeStreamCaptureMode(self, mode: int) -> tuple[int, int]:
+        previous, self._thread.mode = self.mode(), mode
+        return 0, previous
 
     def current(self) -> int:
         return self.context() - 1
@@ -287,14 +298,17 @@ class _FakeRuntime:
 
     def cudaHostRegister(self, ptr: int, size: int, flags: int) -> tuple[int]:
         self.calls.append(("cudaHostRegister", self.current()))
+        self.modes.append(self.mode())
         return (self.cudaError_t.cudaErrorMemoryAllocation if self.refuse else 0,)
 
     def cudaHostUnregister(self, ptr: int) -> tuple[int]:
         self.calls.append(("cudaHostUnregister", self.current()))
+        self.modes.append(self.mode())
         return (0,)
 
     def _call(self, name: str, *result: object) -> tuple[object, ...]:
         self.calls.append((name, self.current()))
+        self.modes.append(self.mode())
         return (0, *result)
 
     def cudaEventCreateWithFlags(self, flags: int) -> tuple[object, ...]:
@@ -311,6 +325,9 @@ class _FakeRuntime:
 
     def cudaEventDestroy(self, event: int) -> tuple[object, ...]:
         return self._call("cudaEventDestroy")
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[object, ...]:
+        return self._call("cudaStreamSynchronize")
 
     def cudaStreamGetDevice(self, stream: int) -> tuple[object, ...]:
         return self._call("cudaStreamGetDevice", 1)
@@ -340,6 +357,31 @@ def test_refused_registration_falls_back_once_or_names_its_cause(
     assert backend.alloc(4096) and backend.alloc(8192)
     assert fake.allocs == [4096, 8192] and backend.pinning == "alloc"
     assert caplog.text.count("pinning by registration failed") == 1
+
+
+def test_every_call_that_may_break_a_capture_runs_in_the_relaxed_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A graph that someone captures in the global mode (torch.cuda.graph's default) is made
+    invalid by an unsafe call from any thread: the pool's pins, unpins, event calls and copies
+    run in the relaxed mode, and leave the thread's own mode as it was."""
+    from aiopinned.backends import cuda
+
+    fake = _FakeRuntime()
+    fake.install(monkeypatch)
+    backend = cuda.CudaBackend("register", threads=1)
+    fake.modes.clear()
+    backend.free(backend.alloc(4096), 4096)
+    event = backend.record((0, 7))
+    backend.query(event)
+    backend.synchronize(event)
+    backend.synchronize_stream((0, 7))
+    backend.copy(0x1000, 0x2000, 16)
+    backend.release_event(event)
+    backend.close()  # (destroys the cached event)
+    relaxed = fake.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
+    assert len(fake.modes) == 9 and set(fake.modes) == {relaxed}, fake.modes
+    assert fake.mode() == fake.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
 
 
 def test_a_cuda_backend_pins_and_unpins_on_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,6 +142,7 @@ async def test_clients_that_disconnect_mid_request_leak_nothing(http: str) -> No
             writers.append(await _raw_request(url, body))
             writers.append(await _raw_request(url, body, send=len(body) // 2))
             await until(lambda: pool.stats().waiters == 2)
+            await anyio.sleep(2 * bench_server.example._http.HALF_S)  # (at once: a half-close)
             for w in writers:
                 w.close()
             await until(lambda: server.counters["client_gone"] == 4)

@@ -33,10 +33,11 @@ def test_quick_bench_reports_every_section_as_json() -> None:
 def test_the_table_and_the_plot(tmp_path: Path) -> None:
     target = tmp_path / "bench.png"
     out = bench("--plot", str(target))
-    assert out.stdout.startswith("backend: ") and "wake latency" in out.stdout  # (printed first)
-    if importlib.util.find_spec("matplotlib") is None:
-        assert out.returncode == 1 and "--plot needs matplotlib" in out.stderr
+    if importlib.util.find_spec("matplotlib") is None:  # said at once, before any benchmark
+        assert out.returncode == 2 and "--plot needs matplotlib" in out.stderr
+        assert out.stdout == "" and "cache hit" not in out.stderr
         pytest.skip("matplotlib is not installed: the message is checked, not the drawing")
+    assert out.stdout.startswith("backend: ") and "wake latency" in out.stdout  # (printed first)
     assert out.returncode == 0, out.stderr
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -56,3 +57,11 @@ def test_the_core_benchmarks_hit_table_has_each_row_against_the_dict() -> None:
         "dict of lists + asyncio.Lock",
     } <= names
     assert all("dict" in r[-1] and float(r[r.index("us") - 1]) > 0 for r in rows)
+
+
+def test_help_says_the_whole_description() -> None:
+    out = subprocess.run([sys.executable, "-m", "aiopinned", "--help"],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "``info`` about this machine, and ``bench`` for its core figures." in " ".join(
+        out.stdout.split()
+    )

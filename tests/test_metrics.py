@@ -161,3 +161,34 @@ def test_two_worker_processes_are_aggregated_in_multiprocess_mode(tmp_path: Path
                 p.stdin.close()
             p.wait(timeout=30)
     assert [p.returncode for p in procs] == [0, 0]
+
+
+async def test_two_pools_in_one_collector_write_each_family_once() -> None:
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
+
+    async with PinnedPool("host") as main, PinnedPool("host") as lane:
+        (await main.allocate(4 * KB)).free()
+        registry = CollectorRegistry()
+        registry.register(PoolCollector({"main": main, "lane": lane}))
+        families = list(parse(openmetrics(registry).decode()))  # ("Clashing name" if twice)
+        names = [f.name for f in families]
+        assert len(names) == len(set(names)) and "aiopinned_reserved_bytes" in names
+        reserved = next(f for f in families if f.name == "aiopinned_reserved_bytes")
+        assert {s.labels["pool"]: s.value for s in reserved.samples} == {"main": 4 * KB, "lane": 0}
+        with pytest.raises(ValueError, match="Duplicated"):  # a second collector: refused now
+            registry.register(PoolCollector(main, name="again"))
+
+
+async def test_bad_names_and_label_values_are_refused_at_construction() -> None:
+    async with PinnedPool("host") as pool:
+        with pytest.raises(TypeError, match="'shard' must have a str value"):
+            PoolCollector(pool, labels={"shard": 3})  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match="name must be a str"):
+            PoolCollector(pool, name=3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="not a Prometheus label name"):
+            PoolCollector(pool, labels={"a-b": "x"})
+        with pytest.raises(TypeError, match="name must be a str"):
+            PoolCollector({1: pool})  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match="str value"):
+            MultiProcessPublisher(pool, labels={"shard": 3})  # type: ignore[dict-item]

@@ -5,6 +5,8 @@ never imports CUDA.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import CudaError, PinnedMemoryError
@@ -17,6 +19,7 @@ __all__ = [
     "drv",
     "error_text",
     "pci_bus_id",
+    "relaxed_capture",
     "rt",
     "stream_handle",
 ]
@@ -126,3 +129,17 @@ def pci_bus_id(device: int) -> str:
     bus = check(rt.cudaDeviceGetPCIBusId(32, device), f"cudaDeviceGetPCIBusId({device})")
     text = bus.decode(errors="replace") if isinstance(bus, (bytes, bytearray)) else str(bus)
     return text.split("\0")[0].strip()  # the driver pads the buffer after the NUL
+
+
+@contextlib.contextmanager
+def relaxed_capture() -> Iterator[None]:
+    """The calling thread in the relaxed stream-capture mode for a while: a call that may be
+    unsafe during a capture (an event query or wait, host registration, ``cudaHostAlloc``) then
+    leaves a graph that another thread (or this one) is capturing in the global mode valid.
+    The thread's own mode is restored after."""
+    exchange, call = rt.cudaThreadExchangeStreamCaptureMode, "cudaThreadExchangeStreamCaptureMode"
+    previous = check(exchange(rt.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed), call)
+    try:
+        yield
+    finally:
+        check(exchange(previous), call)

@@ -21,7 +21,7 @@ Backend method            seed hook                      thread
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -80,4 +80,18 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Destroy cached events; later events are destroyed as soon as they are released."""
+        ...
+
+
+@runtime_checkable
+class GraphCapture(Protocol):
+    """What a backend whose streams can capture graphs (CUDA) adds; optional."""
+
+    def capture_of(self, stream: Any) -> Any:
+        """The capture sequence a normalized stream is in now, or ``None`` (any thread)."""
+        ...
+
+    def hold_for_graph(self, capture: Any, release: Callable[[], object]) -> None:
+        """Call ``release()`` (from any thread) once the graph of ``capture``, and every
+        executable graph made from it, are destroyed and their launches have ended."""
         ...

@@ -12,6 +12,11 @@
   device can copy from it.
 * Events: ``cudaEventDisableTiming``, created on the device of the stream they are recorded on
   and reused from a per-device free list.
+* CUDA graphs: a stream that is capturing is reported (``capture_of``), and memory is held for
+  the graph's lifetime (``hold_for_graph``, ``_graphhold.py``).  Every call the pool makes that
+  may be unsafe during a capture runs in the relaxed capture mode (``relaxed_capture``), so a
+  graph that a user captures in the global mode meanwhile (``torch.cuda.graph``'s default) stays
+  valid whatever the pool's threads do.
 * Every CUDA return code is checked; failures raise :class:`~aiopinned.CudaError` (or
   :class:`~aiopinned.PinnedMemoryError` when pinning runs out of memory), naming the call.
 
@@ -38,9 +43,11 @@ from ._cudart import (
     drv,
     error_text,
     pci_bus_id,
+    relaxed_capture,
     rt,
     stream_handle,
 )
+from ._graphhold import GraphHolds
 from ._memory import PINNING_MODES, Mapped, default_threads
 from ._numa import resolve
 
@@ -98,6 +105,7 @@ class CudaBackend:
         self._events: dict[int, list[_Event]] = {}
         self._closed = False
         self._lock = threading.Lock()  # the event lists are touched from the loop and the closer
+        self._graphs = GraphHolds()
         with self._on_device(self.device):
             check(rt.cudaFree(0), "cudaFree(0)")  # the device's primary context, off the loop
         #: the NUMA node new blocks are placed on (None: the kernel's choice)
@@ -105,7 +113,7 @@ class CudaBackend:
 
     # -- memory -------------------------------------------------------------------------------
     def alloc(self, size: int) -> int:
-        with self._on_device(self.device):  # not another device's context (nor creating one)
+        with relaxed_capture(), self._on_device(self.device):  # (not another device's context)
             return self._alloc(size)
 
     def _alloc(self, size: int) -> int:
@@ -142,7 +150,7 @@ class CudaBackend:
     def free(self, ptr: int, size: int) -> None:
         with self._lock:
             mapped = self._registered.get(ptr)
-        with self._on_device(self.device):
+        with relaxed_capture(), self._on_device(self.device):
             if mapped is None:
                 check(rt.cudaFreeHost(ptr), f"cudaFreeHost({ptr:#x}, {size} bytes)")
                 return
@@ -152,7 +160,7 @@ class CudaBackend:
         mapped.close()
 
     def copy(self, dst: int, src: int, count: int) -> None:
-        with self._on_device(self.device, any_context=True):
+        with relaxed_capture(), self._on_device(self.device, any_context=True):
             check(
                 rt.cudaMemcpy(dst, src, count, rt.cudaMemcpyKind.cudaMemcpyDefault),
                 f"cudaMemcpy({count})",
@@ -182,13 +190,13 @@ class CudaBackend:
             event = free.pop() if free else None
         previous = self._enter_device(device)
         try:
-            if event is None:
-                h = check(
-                    rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming),
-                    "cudaEventCreateWithFlags",
-                )
-                event = _Event(device, h)
-            check(rt.cudaEventRecord(event.handle, handle), f"cudaEventRecord(stream={handle:#x})")
+            with relaxed_capture():
+                if event is None:
+                    flags = rt.cudaEventDisableTiming
+                    h = check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+                    event = _Event(device, h)
+                call = f"cudaEventRecord(stream={handle:#x})"
+                check(rt.cudaEventRecord(event.handle, handle), call)
         except BaseException:
             if event is not None:
                 self.release_event(event)
@@ -198,7 +206,8 @@ class CudaBackend:
         return event
 
     def query(self, event: _Event) -> bool:
-        err = rt.cudaEventQuery(event.handle)[0]
+        with relaxed_capture():
+            err = rt.cudaEventQuery(event.handle)[0]
         if err == rt.cudaError_t.cudaSuccess:
             return True
         if err == rt.cudaError_t.cudaErrorNotReady:
@@ -206,15 +215,36 @@ class CudaBackend:
         raise CudaError(f"cudaEventQuery failed: {error_text(err)}")
 
     def synchronize(self, event: _Event) -> None:
-        check(rt.cudaEventSynchronize(event.handle), "cudaEventSynchronize")
+        with relaxed_capture():
+            check(rt.cudaEventSynchronize(event.handle), "cudaEventSynchronize")
 
     def synchronize_stream(self, stream: tuple[int, int]) -> None:
         device, handle = stream
         previous = self._enter_device(device)
         try:
-            check(rt.cudaStreamSynchronize(handle), f"cudaStreamSynchronize({handle:#x})")
+            with relaxed_capture():
+                check(rt.cudaStreamSynchronize(handle), f"cudaStreamSynchronize({handle:#x})")
         finally:
             self._leave_device(previous)
+
+    def capture_of(self, stream: tuple[int, int]) -> tuple[int, Any] | None:
+        """The capture sequence (its id, its graph) that ``stream`` is in, or ``None``."""
+        handle = stream[1]
+        if handle in _LEGACY_HANDLES[:2]:  # (the legacy default stream never captures)
+            return None
+        err, status, capture_id, graph, *_ = rt.cudaStreamGetCaptureInfo(handle)
+        check(err, f"cudaStreamGetCaptureInfo({handle:#x})")
+        if status == rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone:
+            return None
+        if status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusActive:
+            raise CudaError(
+                f"stream {handle:#x}'s graph capture was invalidated: end the capture "
+                "(cudaStreamEndCapture) before using pool memory on it"
+            )
+        return int(capture_id), graph
+
+    def hold_for_graph(self, capture: tuple[int, Any], release: Any) -> None:
+        self._graphs.hold(*capture, release)
 
     def release_event(self, event: _Event) -> None:
         with self._lock:
@@ -224,7 +254,7 @@ class CudaBackend:
         self._destroy(event)
 
     def _destroy(self, event: _Event) -> None:
-        with self._on_device(event.device, any_context=True):
+        with relaxed_capture(), self._on_device(event.device, any_context=True):
             check(rt.cudaEventDestroy(event.handle), "cudaEventDestroy")
 
     def close(self) -> None:
