@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -196,3 +197,15 @@ async def test_ctrl_c_exits_0_with_no_traceback_within_the_shutdown_bound() -> N
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Application shutdown complete" in err, err
     assert elapsed < 6, f"shutdown took {elapsed:.1f} s"
+
+
+def test_the_servers_help_shows_every_default() -> None:
+    from benchmarks.bench_server import EXAMPLE
+
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--help"], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    text = " ".join(out.stdout.split())
+    for default in ("wait for a buffer, then 503 (default: 5)", "then 408 (default: 10.0)",
+                    "(default: 1048576.0)", "(default: max-mib/16)", "(default: 8)"):  # fmt: skip
+        assert default in text, default
+    assert "(default: None)" not in text
