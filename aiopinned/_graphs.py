@@ -17,6 +17,7 @@ A backend without graphs (the host backend, a custom one) makes all of this a no
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from functools import partial
 from threading import get_ident
@@ -24,6 +25,8 @@ from threading import get_ident
 from ._block import ALLOCATED, Block
 from ._loopport import LoopPort
 from .backends.base import GraphCapture
+
+log = logging.getLogger("aiopinned")
 
 
 class GraphHolds:
@@ -59,9 +62,13 @@ class GraphHolds:
         recorded stream that is capturing now (their events would be graph nodes)."""
         if self._capture is not None:
             for key in block.streams:
-                capture = self._capture.capture_of(key)
-                if capture is not None:
-                    self._hold(block, capture)
+                try:
+                    capture = self._capture.capture_of(key)
+                    if capture is not None:
+                        self._hold(block, capture)
+                except Exception:  # (an invalidated capture: recording an event will fail, and
+                    # the block comes back once the stream can be waited on, as for any stream)
+                    log.warning("aiopinned: no graph could hold %r", block, exc_info=True)
         return block.graphs > 0
 
     def _hold(self, block: Block, capture: object) -> None:

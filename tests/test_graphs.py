@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from aiopinned import HostStream, PinnedPool
+from aiopinned import CudaError, HostStream, PinnedPool
 from aiopinned.backends.base import GraphCapture
 from aiopinned.backends.host import HostBackend
 
@@ -40,8 +40,11 @@ class CaptureBackend(HostBackend):
     def __init__(self) -> None:
         super().__init__()
         self.capturing: dict[HostStream, FakeGraph] = {}
+        self.broken = False  # the capture was invalidated: asking about it fails
 
     def capture_of(self, stream: Any) -> FakeGraph | None:
+        if self.broken:
+            raise CudaError("the capture was invalidated (test)")
         return self.capturing.get(stream)
 
     def hold_for_graph(self, capture: FakeGraph, release: Callable[[], object]) -> None:
@@ -127,3 +130,38 @@ async def test_a_held_block_outlives_its_pool_until_the_graph_is_gone() -> None:
     assert len(backend._maps) == 1
     graph.destroy()
     await until(lambda: not backend._maps)  # unpinned once the graph is gone
+
+
+async def test_a_capture_that_cannot_be_asked_about_loses_no_block() -> None:
+    backend, stream, gate = CaptureBackend(), HostStream(), Gate()
+    async with PinnedPool(backend) as pool:
+        buf = await pool.allocate(4 * KB)
+        stream.launch(gate)
+        buf.record_stream(stream)
+        backend.broken = True
+        buf.free()  # logged; the block waits for its stream as any other
+        assert pool.stats().pending_events == 1 and pool.stats().free_blocks == 0
+        gate.open()
+        await until(lambda: pool.stats().free_blocks == 1)
+        backend.broken = False
+
+
+def test_the_cuda_backends_poller_runs_the_releases_once_cuda_posts() -> None:
+    """CUDA's thread calls ``sem_post`` on the hold's semaphore (no Python there); the poller
+    then runs the releases, and stops once no hold is left."""
+    from aiopinned.backends import _graphhold
+
+    holds, hold, called = _graphhold.GraphHolds(), _graphhold._Hold(), threading.Event()
+    hold.releases.append(called.set)
+    with holds._lock:
+        holds._holds[7] = hold
+        holds._start()
+    assert not called.wait(3 * _graphhold.POLL_S)
+    _graphhold._libc.sem_post(hold.sem)  # what the user object's destructor does
+    assert called.wait(5)
+    deadline = threading.Event()
+    for _ in range(100):
+        if not holds._polling:
+            break
+        deadline.wait(0.01)
+    assert not holds._polling and not holds._holds

@@ -15,6 +15,7 @@ process's life).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import threading
 import time
@@ -47,7 +48,8 @@ class GraphHolds:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._holds: dict[int, _Hold] = {}  # capture id -> its hold
+        self._holds: dict[int, _Hold] = {}  # capture id (a failed one: negative) -> its hold
+        self._failed = itertools.count(1)
         self._polling = False
 
     def hold(self, capture_id: int, graph: Any, release: Callable[[], object]) -> None:
@@ -68,7 +70,7 @@ class GraphHolds:
                 err = rt.cudaGraphRetainUserObject(graph, obj, 1, move)[0]
                 if err != rt.cudaError_t.cudaSuccess:  # (ours to drop: it posts the semaphore)
                     check(rt.cudaUserObjectRelease(obj, 1), "cudaUserObjectRelease")
-                    self._holds[-capture_id - 1] = hold  # (polled until posted, then freed)
+                    self._holds[-next(self._failed)] = hold  # (polled until posted, then freed)
                     self._start()
                     check(err, "cudaGraphRetainUserObject")
                 self._holds[capture_id] = hold
