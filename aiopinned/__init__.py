@@ -18,10 +18,12 @@ from .errors import (
     PoolClosed,
     WouldBlock,
 )
+from .loader import FileReader, ReadReport, load_safetensors, stream_safetensors
 
 __all__ = [
     "AiopinnedError",
     "CudaError",
+    "FileReader",
     "HostStream",
     "InvalidBufferError",
     "PinnedBuffer",
@@ -29,8 +31,11 @@ __all__ = [
     "PinnedPool",
     "PoolClosed",
     "PoolStats",
+    "ReadReport",
     "WouldBlock",
+    "load_safetensors",
     "set_cupy_pinned_allocator",
+    "stream_safetensors",
 ]
 
 __version__ = "0.1.0"

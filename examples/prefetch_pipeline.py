@@ -4,8 +4,10 @@
     python examples/prefetch_pipeline.py --demo          # 32 files of 4 MiB in a temp folder
 
 A producer awaits a pool buffer for each file, in order, and reads the file into it in a worker
-thread (``os.preadv`` straight into the pinned memory).  The pool's cap (``--depth`` times the
-largest file) is how far the producer reads ahead: when every buffer is out, ``allocate`` waits.
+thread (``aiopinned.FileReader``: what the page cache holds is copied out of it, the rest read
+``O_DIRECT`` straight into the pinned memory, no copy by the CPU).  The pool's cap (``--depth``
+times the largest file) is how far the producer reads ahead: when every buffer is out,
+``allocate`` waits.
 A consumer queues each buffer's copy to the device on a stream, records the stream on the buffer
 and frees it: the block comes back, and wakes the producer, once that copy has run.  The device
 sums each file's bytes; the sums are printed (``SUM  FILE``), and the throughput to stderr.
@@ -16,7 +18,6 @@ sums each file's bytes; the sums are printed (``SUM  FILE``), and the throughput
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,21 +27,14 @@ import anyio
 import numpy as np
 from _device import HostDevice, TorchDevice, open_device, pick_backend
 
-from aiopinned import PinnedBuffer, PinnedPool
+from aiopinned import FileReader, PinnedBuffer, PinnedPool
 
 
 def read_into(path: Path, memory: memoryview) -> None:
-    """Read the whole file into ``memory`` (from the page cache straight into pinned memory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(memory):
-            n = os.preadv(fd, [memory[done:]], done)
-            if n == 0:
-                raise EOFError(f"{path} is shorter than {len(memory)} bytes")
-            done += n
-    finally:
-        os.close(fd)
+    """Read the whole file into ``memory``: what the page cache holds is copied out of it, the
+    rest read ``O_DIRECT`` straight into the pinned buffer (pool blocks are page-aligned)."""
+    with FileReader(path) as reader:
+        reader.read_into(memory, 0)
 
 
 async def pipeline(
