@@ -91,7 +91,10 @@ def make_checkpoint(folder: Path, gib: float, shards: int = 4) -> dict[str, Any]
         with open(folder / name, "wb") as f:
             f.write(len(text).to_bytes(8, "little") + text)
             for i, (tname, shape) in enumerate(part):
-                nbytes, start = int(np.prod(shape)) * 2, (zlib.crc32(tname.encode()) & 0xFFFF) * 61 + i
+                nbytes, start = (
+                    int(np.prod(shape)) * 2,
+                    (zlib.crc32(tname.encode()) & 0xFFFF) * 61 + i,
+                )
                 data = np.resize(np.roll(noise, start), nbytes)  # (each tensor its own bytes)
                 sums[tname] = list(checksums(data))
                 data.tofile(f)
@@ -225,13 +228,16 @@ def row_main(name: str, files: list[Path]) -> None:
 
 
 # -- the limits -----------------------------------------------------------------------------------
-def raw_read_gbps(files: list[Path], threads: int, direct: bool, chunk: int = 16 * MiB) -> float:
-    """The files read in ``chunk`` pieces by ``threads`` threads into pinned (registered)
-    memory, as fast as the storage (or the page cache) gives them."""
+def raw_read_gbps(
+    files: list[Path], threads: int, direct: bool, chunk: int = 16 * MiB, limit: float = 4e9
+) -> float:
+    """The files (their first ``limit`` bytes) read in ``chunk`` pieces by ``threads`` threads
+    into pinned memory, as fast as the storage (or the page cache) gives them."""
     import torch
 
     buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(threads)]
     jobs = [(f, o) for f in files for o in range(0, f.stat().st_size, chunk)]
+    jobs = jobs[: max(1, int(limit // chunk))]
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     fds = {f: os.open(f, flags) for f in files}
 
@@ -249,6 +255,26 @@ def raw_read_gbps(files: list[Path], threads: int, direct: bool, chunk: int = 16
     for fd in fds.values():
         os.close(fd)
     return total / seconds / GB
+
+
+def allocation_ms(meta: dict[str, Any], files: list[Path]) -> tuple[float, float]:
+    """Device memory for the whole checkpoint: one allocation per file, against one per tensor
+    (ms each, the caching allocator emptied first)."""
+    import torch
+
+    sizes = [f.stat().st_size for f in files]
+    per_tensor = [int(np.prod(s)) * 2 for _, s in llama_shapes(meta["gib"] / 16.06)]
+    out = []
+    for plan in (sizes, per_tensor):
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        held = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in plan]
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1e3)
+        del held
+    torch.cuda.empty_cache()
+    return out[0], out[1]
 
 
 def copy_ceiling_gbps() -> float:
@@ -291,6 +317,8 @@ def main() -> None:
     files = [args.dir / f for f in meta["files"]]
     say("limits: raw reads and the copy ceiling")
     limits: dict[str, float] = {"copy": copy_ceiling_gbps()}
+    per_file, per_tensor = allocation_ms(meta, files)
+    say(f"device memory: one allocation per file {per_file:.1f} ms, per tensor {per_tensor:.1f} ms")
     warm_cache(files)
     limits["warm buffered, 16 threads"] = raw_read_gbps(files, 16, direct=False)
     for threads in (1, 4, 8, 16):

@@ -132,3 +132,9 @@ def test_the_readme_quick_start_says_what_it_needs_and_runs_where_it_can() -> No
     out = subprocess.run([sys.executable, "-c", code.split("```")[0]], capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
     assert out.returncode == 0 and "PoolStats(" in out.stdout, out.stderr
+
+
+def test_a_transformers_llama_streams_in_and_answers_as_safetensors_loads_it() -> None:
+    pytest.importorskip("transformers")
+    out = run(EXAMPLES / "load_model.py", "--layers", "2")
+    assert "the forward pass matches safetensors' load: True" in out.stdout

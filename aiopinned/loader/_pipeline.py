@@ -24,6 +24,7 @@ import concurrent.futures
 import ctypes
 import itertools
 import math
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from ._targets import make_target
 #: the read-ahead window of a load's own pool, and its chunk, reader threads and streams
 DEFAULT_MAX_BYTES = 512 << 20
 DEFAULT_CHUNK_BYTES = 16 << 20
-DEFAULT_THREADS = 8
+DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 DEFAULT_STREAMS = 4
 
 
