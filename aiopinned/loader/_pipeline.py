@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from .._pool import PinnedPool
 from ._format import Entry, Paths, checkpoint_files, read_header, regions, select
@@ -38,7 +39,7 @@ from ._reader import ALIGN, FileReader, ReadReport
 from ._targets import make_target
 
 #: the read-ahead window of a load's own pool, and its chunk, reader threads and streams
-DEFAULT_MAX_BYTES = 512 << 20
+DEFAULT_MAX_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 DEFAULT_STREAMS = 4
@@ -191,7 +192,9 @@ async def _run(
                 )
                 reading.append((chunk, buf, read))
             chunk, buf, read = reading[0]
-            await anyio.to_thread.run_sync(read.result)  # (a cancel waits for the read)
+            if not read.done():
+                await anyio.to_thread.run_sync(read.result)  # (a cancel waits for the read)
+            read.result()  # (its error, if any)
             reading.popleft()
             stream = target.streams[len(queued) % len(target.streams)]
             target.copy(chunk.dest, chunk.begin - chunk.region_begin, buf.ptr + chunk.lead,
@@ -203,6 +206,7 @@ async def _run(
             done += chunk.end - chunk.begin
             if progress is not None:
                 progress(done, total)
+            await anyio.lowlevel.checkpoint()  # (reads may all be done: let the loop run)
             while queued and target.done(queued[0][0]):
                 for item in _finished(target, queued.popleft()[1]):
                     yield item
