@@ -119,9 +119,10 @@ async def stream_safetensors(
     chosen = select(headers, names)
     target = make_target(device, streams)
     target.check([e for entries in chosen for e in entries])
-    readers = [FileReader(h.path, direct) for h in headers]
+    readers: list[FileReader] = []
     own = pool is None
     try:
+        readers.extend(FileReader(h.path, direct) for h in headers)
         if pool is None:
             pool = await PinnedPool(
                 target.backend, max_bytes=max_bytes, device=target.device
@@ -171,37 +172,37 @@ async def _run(
     executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="aiopinned-read")
     reading: deque[tuple[_Chunk, Any, concurrent.futures.Future[ReadReport]]] = deque()
     queued: deque[tuple[Any, _Chunk]] = deque()  # (marker, chunk), in order
-    todo, budget, held, done = deque(chunks), pool.max_bytes or math.inf, 0, 0
+    todo, budget, held, done, copies = deque(chunks), pool.max_bytes or math.inf, 0, 0, 0
+    # Every buffer is asked for at one size, so that all are one block size, reused (a chunk and
+    # its lead never exceed ``chunk_bytes``: chunks are cut at its multiples).
+    size = block = max((c.buffer_bytes for c in chunks), default=ALIGN)
     try:
         while todo or reading:
             # Reads ahead: one buffer per chunk, within the cap (never waiting on our own held
             # buffers: those come back only once this loop queues their copies).
-            while (
-                todo
-                and len(reading) < 2 * threads
-                and (not reading or held + todo[0].buffer_bytes <= budget)
-            ):
+            while todo and len(reading) < 2 * threads and (not reading or held + block <= budget):
                 chunk = todo.popleft()
-                buf = await pool.allocate(chunk.buffer_bytes)
-                held += buf.nbytes
-                into = (ctypes.c_char * (chunk.end - chunk.begin)).from_address(
-                    buf.ptr + chunk.lead
+                buf = await pool.allocate(size)
+                block = buf.capacity
+                held += buf.capacity
+                into = _view(buf.ptr + chunk.lead, chunk.end - chunk.begin)
+                reading.append(
+                    (chunk, buf, executor.submit(chunk.reader.read_into, into, chunk.begin))
                 )
-                read = executor.submit(
-                    chunk.reader.read_into, memoryview(into).cast("B"), chunk.begin
-                )
-                reading.append((chunk, buf, read))
             chunk, buf, read = reading[0]
             if not read.done():
                 await anyio.to_thread.run_sync(read.result)  # (a cancel waits for the read)
             read.result()  # (its error, if any)
             reading.popleft()
-            stream = target.streams[len(queued) % len(target.streams)]
-            target.copy(chunk.dest, chunk.begin - chunk.region_begin, buf.ptr + chunk.lead,
-                        chunk.end - chunk.begin, stream)  # fmt: skip
-            buf.record_stream(stream)
-            buf.free()
-            held -= buf.nbytes
+            stream = target.streams[copies % len(target.streams)]
+            held -= buf.capacity
+            try:
+                at = chunk.begin - chunk.region_begin
+                target.copy(chunk.dest, at, buf.ptr + chunk.lead, chunk.end - chunk.begin, stream)
+                buf.record_stream(stream)
+            finally:  # (queued, or failed: the buffer goes back either way)
+                buf.free()
+            copies += 1
             queued.append((target.marker(stream), chunk))
             done += chunk.end - chunk.begin
             if progress is not None:
