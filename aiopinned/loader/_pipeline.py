@@ -127,7 +127,8 @@ async def stream_safetensors(
             pool = await PinnedPool(
                 target.backend, max_bytes=max_bytes, device=target.device
             ).open()
-        chunks = _chunks(readers, chosen, target, chunk_bytes)
+        # (device memory in a thread: allocating gigabytes can take milliseconds)
+        chunks = await anyio.to_thread.run_sync(_chunks, readers, chosen, target, chunk_bytes)
         for entry in (e for entries in chosen for e in entries if e.nbytes == 0):
             yield entry.name, target.tensor(None, 0, entry)
         total = sum(c.end - c.begin for c in chunks)
