@@ -147,7 +147,7 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
                 out = await load_safetensors(files, "cuda:0")
                 tg.cancel_scope.cancel()
             facts.update(stall_ms=stall[0] * 1e3, report=vars(out.report), version="this tree",
-                         backend="page cache or O_DIRECT per range, 256 MiB pool; ")  # fmt: skip
+                         backend="page cache or O_DIRECT per range, 512 MiB pool; ")  # fmt: skip
             return out
 
         return dict(anyio.run(run)), facts

@@ -68,20 +68,24 @@ def main() -> None:
         t0 = time.perf_counter()
         count = asyncio.run(stream_into(model, folder, device))
         elapsed = time.perf_counter() - t0
-        with where:  # (the rotary embedding's buffers are not saved: made where the model runs)
-            model.model.rotary_emb = type(model.model.rotary_emb)(config)
+        # The rotary embedding's buffers are not saved: made as the reference makes them (on the
+        # CPU, then moved), so that both compute alike.
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(model.model.rotary_emb)(config).to(where)
         reference = LlamaForCausalLM(config).to(dtype)
         reference.load_state_dict(load_file(folder / "model.safetensors"))
         reference.to(where)
+    theirs_state = reference.state_dict()
+    same = all(torch.equal(t, theirs_state[k]) for k, t in model.state_dict().items())
     ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model.eval()(ids.to(where)).logits
         theirs = reference.eval()(ids.to(where)).logits
     params = sum(p.numel() for p in model.parameters())
     print(f"{count} weights ({params / 1e6:.1f} M parameters, {dtype}) streamed to {where} in "
-          f"{elapsed * 1e3:.0f} ms; the forward pass matches safetensors' load: "
-          f"{torch.equal(ours, theirs)}")  # fmt: skip
-    assert torch.equal(ours, theirs), "the streamed model's logits differ"
+          f"{elapsed * 1e3:.0f} ms; every weight equal: {same}; the forward pass matches "
+          f"safetensors' load: {torch.equal(ours, theirs)}")  # fmt: skip
+    assert same and torch.equal(ours, theirs), "the streamed model differs"
 
 
 if __name__ == "__main__":

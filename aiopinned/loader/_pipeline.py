@@ -39,7 +39,7 @@ from ._reader import ALIGN, FileReader, ReadReport
 from ._targets import make_target
 
 #: the read-ahead window of a load's own pool, and its chunk, reader threads and streams
-DEFAULT_MAX_BYTES = 256 << 20
+DEFAULT_MAX_BYTES = 512 << 20
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_THREADS = min(16, os.cpu_count() or 1)
 DEFAULT_STREAMS = 4
@@ -117,7 +117,8 @@ async def stream_safetensors(
     files = checkpoint_files(paths)
     headers = await anyio.to_thread.run_sync(lambda: [read_header(f) for f in files])
     chosen = select(headers, names)
-    target = make_target(device, streams)
+    # (in a thread: the first CUDA calls, and cuda.bindings' import, take up to 100s of ms)
+    target = await anyio.to_thread.run_sync(make_target, device, streams)
     target.check([e for entries in chosen for e in entries])
     readers: list[FileReader] = []
     own = pool is None
