@@ -15,8 +15,10 @@ process of its own (so that its peak RSS is its own), in two cache states:
 Rows alternate their order over rounds; a peer that is not installed prints as skipped.  Every
 tensor every loader returns is checked on the device against the manifest (a byte sum and a sum
 of every 4093rd byte).  In the same run, the limits: the files' raw read bandwidth (buffered warm
-and cold, ``O_DIRECT`` at 1-16 threads, into pinned memory), and host->device from one pinned
-buffer.  Ratios are against the fastest peer and against the state's limit (the lower of the
+and cold, ``O_DIRECT`` at 1-16 threads, into pinned memory; warm, also the page cache's own pages
+registered read-only and copied to the device), host->device from one pinned buffer, and device
+memory for the checkpoint allocated per file against per tensor.  Each cold row is proved cold
+by a buffered read just before it (the disk's pace, not the page cache's).  Ratios are against the fastest peer and against the state's limit (the lower of the
 copy ceiling and the best raw read).
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import resource
 import subprocess
@@ -113,6 +116,16 @@ def drop_cache(paths: list[Path]) -> None:
         os.close(fd)
 
 
+def cold_proof_gbps(path: Path, nbytes: int = 64 * MiB) -> float:
+    """A buffered read of the file's last ``nbytes``, GB/s: the disk's pace if the cache was
+    dropped, the page cache's (several times faster) if not."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - nbytes))
+        t0 = time.perf_counter()
+        got = len(f.read(nbytes))
+    return got / (time.perf_counter() - t0) / GB
+
+
 def warm_cache(paths: list[Path]) -> None:
     for path in paths:
         with open(path, "rb") as f:
@@ -129,7 +142,8 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
     if name == "aiopinned":
         import anyio
 
-        from aiopinned import load_safetensors
+        from aiopinned import PinnedPool, load_safetensors
+        from aiopinned.loader._pipeline import DEFAULT_MAX_BYTES
 
         async def run() -> Any:
             stall = [0.0]
@@ -142,12 +156,16 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
                     stall[0] = max(stall[0], now - last - 0.001)
                     last = now
 
-            async with anyio.create_task_group() as tg:
+            async with (
+                PinnedPool("cuda", max_bytes=DEFAULT_MAX_BYTES) as pool,
+                anyio.create_task_group() as tg,
+            ):
                 tg.start_soon(ticker)
-                out = await load_safetensors(files, "cuda:0")
+                out = await load_safetensors(files, "cuda:0", pool=pool)
                 tg.cancel_scope.cancel()
+                pinned = pool.stats().peak_reserved_bytes
             facts.update(stall_ms=stall[0] * 1e3, report=vars(out.report), version="this tree",
-                         backend="page cache or O_DIRECT per range, 512 MiB pool; ")  # fmt: skip
+                         pinned_peak=pinned, backend="page cache or O_DIRECT")  # fmt: skip
             return out
 
         return dict(anyio.run(run)), facts
@@ -158,7 +176,8 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
         out = {}
         for f in strs:
             out.update(load_file(f, device="cuda:0"))
-        facts.update(version=safetensors.__version__, backend="mmap, pageable copies")
+        facts.update(version=safetensors.__version__, backend="mmap, pageable copies",
+                     pinned_peak=0)  # fmt: skip
         return out, facts
     if name == "fastsafetensors":
         import fastsafetensors
@@ -178,7 +197,8 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
             streamer.stream_files(strs)
             for k, t in streamer.get_tensors():
                 out[k] = t.to("cuda:0")
-        facts.update(version=version("runai-model-streamer"), backend="pageable, .to(cuda)")
+        facts.update(version=version("runai-model-streamer"), backend="pageable, .to(cuda)",
+                     pinned_peak=0)  # fmt: skip
         return out, facts
     if name == "instanttensor":
         from importlib.metadata import version
@@ -257,6 +277,48 @@ def raw_read_gbps(
     return total / seconds / GB
 
 
+def registered_page_cache_gbps(files: list[Path], limit: float = 4e9) -> float:
+    """The other warm path: the files' cached pages mapped, registered read-only
+    (``cudaHostRegisterReadOnly``) and copied to the device straight from the page cache, no CPU
+    copy; GB/s of the whole (registration included), or NaN where CUDA refuses."""
+    import mmap
+
+    import torch
+
+    from aiopinned.backends._cudart import check, rt
+
+    flags = rt.cudaHostRegisterReadOnly | rt.cudaHostRegisterPortable
+    dev = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    done, t0 = 0, time.perf_counter()
+    for path in files:
+        size = min(path.stat().st_size, int(limit) - done) // mmap.PAGESIZE * mmap.PAGESIZE
+        if size <= 0:
+            break
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        ptr = _address_of(mapped)
+        err = rt.cudaHostRegister(ptr, size, flags)[0]
+        if err != rt.cudaError_t.cudaSuccess:
+            mapped.close()
+            return float("nan")
+        try:
+            for at in range(0, size, 1 << 30):
+                n, kind = min(1 << 30, size - at), rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+                check(rt.cudaMemcpy(dev.data_ptr(), ptr + at, n, kind), "cudaMemcpy")
+        finally:
+            check(rt.cudaHostUnregister(ptr), "cudaHostUnregister")
+            mapped.close()
+        done += size
+    return done / (time.perf_counter() - t0) / GB
+
+
+def _address_of(mapped: Any) -> int:
+    """The address of a read-only mmap (ctypes cannot take one from it: it is not writable)."""
+    import numpy as np
+
+    return int(np.frombuffer(mapped, dtype=np.uint8).ctypes.data)
+
+
 def allocation_ms(meta: dict[str, Any], files: list[Path]) -> tuple[float, float]:
     """Device memory for the whole checkpoint: one allocation per file, against one per tensor
     (ms each, the caching allocator emptied first)."""
@@ -321,6 +383,7 @@ def main() -> None:
     say(f"device memory: one allocation per file {per_file:.1f} ms, per tensor {per_tensor:.1f} ms")
     warm_cache(files)
     limits["warm buffered, 16 threads"] = raw_read_gbps(files, 16, direct=False)
+    limits["warm, page cache registered and copied"] = registered_page_cache_gbps(files)
     for threads in (1, 4, 8, 16):
         limits[f"O_DIRECT, {threads} threads"] = raw_read_gbps(files, threads, direct=True)
     drop_cache(files)
@@ -329,19 +392,27 @@ def main() -> None:
     limits["cold buffered, 16 threads"] = raw_read_gbps(files, 16, direct=False)
     direct_best = max(v for k, v in limits.items() if k.startswith("O_DIRECT"))
     cold_read = max(direct_best, limits["cold buffered, 16 threads"])
-    bound = {"warm": min(limits["copy"], limits["warm buffered, 16 threads"]),
+    registered = limits["warm, page cache registered and copied"]
+    warm_read = max(
+        limits["warm buffered, 16 threads"], 0 if math.isnan(registered) else registered
+    )
+    bound = {"warm": min(limits["copy"], warm_read),
              "cold": min(limits["copy"], cold_read)}  # fmt: skip
     loaders = args.loaders.split(",")
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for state in args.states.split(","):
         for r in range(args.rounds):
             for name in loaders if r % 2 == 0 else loaders[::-1]:
+                proof = None
                 if state == "warm":
                     warm_cache(files)
                 else:
                     drop_cache(files)
+                    proof = cold_proof_gbps(files[-1])  # (then dropped again)
+                    drop_cache(files)
                 say(f"{state} round {r + 1}: {name}")
                 got = run_row(name, files)
+                got["proof"] = proof
                 if "checksums" in got:
                     sums = got.pop("checksums")
                     got["wrong"] = [k for k, v in meta["checksums"].items()
@@ -383,9 +454,15 @@ def report(
             ok = [r for r in rows if "seconds" in r]
             wrong = sum(len(r["wrong"]) for r in ok)
             notes = f"{ok[0].get('version')}, {ok[0].get('backend', '')}"
+            if state == "cold":
+                proofs = ", ".join(f"{r['proof']:.1f}" for r in ok)
+                notes += f"; buffered read just before (cold proof): {proofs} GB/s"
+            pinned = [int(r["pinned_peak"]) for r in ok if r.get("pinned_peak") is not None]
+            if len(pinned) == len(ok):
+                notes += f"; pinned peak {max(pinned) / MiB:.0f} MiB"
             if name == "aiopinned":
                 stall = max(r["stall_ms"] for r in ok)
-                notes += f"loop stall max {stall:.2f} ms, read {ok[-1]['report']}"
+                notes += f"; loop stall max {stall:.2f} ms; read {ok[-1]['report']}"
             print(
                 f"  {name:<16} {min(done):5.1f}-{max(done):<6.1f} {max(done) / best_peer:>11.2f}x "
                 f"{max(done) / bound[state]:>7.2f}x {max(r['rss'] for r in ok) / GB:>7.2f}  "
