@@ -18,8 +18,9 @@ of every 4093rd byte).  In the same run, the limits: the files' raw read bandwid
 and cold, ``O_DIRECT`` at 1-16 threads, into pinned memory; warm, also the page cache's own pages
 registered read-only and copied to the device), host->device from one pinned buffer, and device
 memory for the checkpoint allocated per file against per tensor.  Each cold row is proved cold
-by a buffered read just before it (the disk's pace, not the page cache's).  Ratios are against the fastest peer and against the state's limit (the lower of the
-copy ceiling and the best raw read).
+by a buffered read just before it (the disk's pace, not the page cache's).  Ratios are against
+the fastest peer and against the state's limit (the lower of the copy ceiling and the best raw
+read).
 """
 
 from __future__ import annotations
