@@ -5,9 +5,10 @@ The selected tensors of each file form contiguous byte *regions* (a whole file's
 are selected); each region gets one device allocation, and is read in chunks that start at
 multiples of ``chunk_bytes`` in the file (so that ``O_DIRECT`` can read them).  A chunk's life:
 
-1. a pool buffer is awaited (the pool's cap is the read-ahead window: a buffer comes back once
-   the copy that reads it has run);
-2. a worker thread fills it (``FileReader``: page cache or ``O_DIRECT``);
+1. it is handed to a reader thread, while the buffers of the reads in flight fit under the
+   pool's cap (the read-ahead window: a buffer comes back once the copy that reads it has run);
+2. the reader thread takes a buffer (``allocate_blocking``: a cold pool pins its blocks in
+   parallel) and fills it (``FileReader``: page cache or ``O_DIRECT``);
 3. on the loop, its copy to the region is queued on the next stream, the buffer is recorded on
    that stream and freed, and a marker (an event) is recorded after it;
 4. once the markers up to a tensor's last chunk have passed, the tensor is handed over.
@@ -33,6 +34,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from .._buffer import PinnedBuffer
 from .._pool import PinnedPool
 from ._format import Entry, Paths, checkpoint_files, read_header, regions, select
 from ._reader import ALIGN, FileReader, ReadReport
@@ -172,32 +174,33 @@ async def _run(
     progress: Callable[[int, int], object] | None,
 ) -> AsyncIterator[tuple[str, Any]]:
     executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="aiopinned-read")
-    reading: deque[tuple[_Chunk, Any, concurrent.futures.Future[ReadReport]]] = deque()
+    reading: deque[tuple[_Chunk, concurrent.futures.Future[PinnedBuffer]]] = deque()
     queued: deque[tuple[Any, _Chunk]] = deque()  # (marker, chunk), in order
     todo, budget, held, done, copies = deque(chunks), pool.max_bytes or math.inf, 0, 0, 0
     # Every buffer is asked for at one size, so that all are one block size, reused (a chunk and
-    # its lead never exceed ``chunk_bytes``: chunks are cut at its multiples).
-    size = block = max((c.buffer_bytes for c in chunks), default=ALIGN)
+    # its lead never exceed ``chunk_bytes``: chunks are cut at its multiples).  The first one,
+    # here, says how large the pool's blocks for it are (and stays cached for the first read).
+    size = max((c.buffer_bytes for c in chunks), default=ALIGN)
+    first = await pool.allocate(size)
+    block = first.capacity
+    first.free()
     try:
         while todo or reading:
-            # Reads ahead: one buffer per chunk, within the cap (never waiting on our own held
-            # buffers: those come back only once this loop queues their copies).
-            while todo and len(reading) < 2 * threads and (not reading or held + block <= budget):
+            # Reads ahead, each in a reader thread that also takes its buffer (so that a cold
+            # pool pins its blocks in parallel), within the cap: the buffers of all the reads
+            # not yet handled here fit under it, so none waits for another's (those come back
+            # only once this loop queues their copies), only for copies that end by themselves.
+            while todo and len(reading) < 2 * threads and held + block <= budget:
                 chunk = todo.popleft()
-                buf = await pool.allocate(size)
-                block = buf.capacity
-                held += buf.capacity
-                into = _view(buf.ptr + chunk.lead, chunk.end - chunk.begin)
-                reading.append(
-                    (chunk, buf, executor.submit(chunk.reader.read_into, into, chunk.begin))
-                )
-            chunk, buf, read = reading[0]
-            if not read.done():
-                await anyio.to_thread.run_sync(read.result)  # (a cancel waits for the read)
-            read.result()  # (its error, if any)
+                reading.append((chunk, executor.submit(_fill, pool, size, chunk)))
+                held += block
+            chunk, job = reading[0]
+            if not job.done():
+                await anyio.to_thread.run_sync(concurrent.futures.wait, [job])  # (a cancel waits)
             reading.popleft()
+            held -= block
+            buf = job.result()  # (the read's error, if any)
             stream = target.streams[copies % len(target.streams)]
-            held -= buf.capacity
             try:
                 at = chunk.begin - chunk.region_begin
                 target.copy(chunk.dest, at, buf.ptr + chunk.lead, chunk.end - chunk.begin, stream)
@@ -220,10 +223,22 @@ async def _run(
                 yield item
     finally:
         with anyio.CancelScope(shield=True):
-            for _, buf, read in reading:  # (cancelled: the reads in flight write buffers)
-                await anyio.to_thread.run_sync(concurrent.futures.wait, [read])
-                buf.free()
+            for _, job in reading:  # (cancelled: the reads in flight are writing buffers)
+                await anyio.to_thread.run_sync(concurrent.futures.wait, [job])
+                if job.exception() is None:
+                    job.result().free()
             executor.shutdown(wait=False)
+
+
+def _fill(pool: PinnedPool, size: int, chunk: _Chunk) -> PinnedBuffer:
+    """Reader thread: a pool buffer, and ``chunk`` read into it (at its lead)."""
+    buf = pool.allocate_blocking(size)
+    try:
+        chunk.reader.read_into(_view(buf.ptr + chunk.lead, chunk.end - chunk.begin), chunk.begin)
+    except BaseException:
+        buf.free()
+        raise
+    return buf
 
 
 def _view(address: int, nbytes: int) -> memoryview:
