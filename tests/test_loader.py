@@ -297,3 +297,26 @@ async def test_bad_arguments_are_refused_at_once(tmp_path: Path) -> None:
     bf16 = raw_file(tmp_path / "bf16.safetensors", bf16_header, bytes(4))
     with pytest.raises(ValueError, match="NumPy has no dtype"):
         await load_safetensors(bf16)
+
+
+def test_where_the_cache_cannot_be_asked_auto_reads_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(16 * ALIGN)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    real = os.preadv
+
+    def no_nowait(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", no_nowait)
+    buf = mmap.mmap(-1, len(data))
+    with FileReader(path) as reader:
+        uncache(path)
+        for _ in range(2):
+            report = reader.read_into(memoryview(buf), 0)
+            assert (report.buffered_bytes, report.direct_bytes) == (len(data), 0)
+            assert bytes(buf) == data

@@ -6,7 +6,8 @@ from the disk, no copy by the CPU and no page cache filled).
 With ``direct="auto"`` each range starts with ``preadv2(RWF_NOWAIT)``, which copies what is cached
 and stops at the first page that is not; the rest goes ``O_DIRECT`` (its page-aligned middle; the
 unaligned head and tail are read the ordinary way).  ``True`` reads every aligned middle
-``O_DIRECT``, ``False`` reads everything through the page cache.  ``O_DIRECT`` needs the file
+``O_DIRECT``, ``False`` reads everything through the page cache (as ``auto`` does where the
+kernel or the file system cannot say what is cached).  ``O_DIRECT`` needs the file
 offset, the length and the memory address aligned to the device's block: the caller lays a range
 out so that file offset ``o`` lands at an address congruent to ``o`` modulo ``ALIGN`` (pool
 blocks are page-aligned, so a buffer that starts at an aligned file offset does).  Where the file
@@ -57,6 +58,8 @@ class FileReader:
         self.path, self.direct = os.fspath(path), direct
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._direct_fd: int | None = None
+        #: whether ``RWF_NOWAIT`` can tell what is cached (where not, ``auto`` reads buffered)
+        self._nowait = bool(_NOWAIT)
         self._lock = threading.Lock()
         self.report = ReadReport()
         self.size = os.fstat(self._fd).st_size
@@ -78,9 +81,12 @@ class FileReader:
         what this call did.  ``EOFError`` where the file ends first.  Memory whose address is not
         congruent to ``offset`` modulo ``ALIGN`` is read through the page cache."""
         report, done, n = ReadReport(), 0, len(view)
-        if self.direct == "auto" and _NOWAIT:
-            done = report.cached_bytes = self._cached(view, offset)
-        if done < n and self.direct is not False and _address(view) % ALIGN == offset % ALIGN:
+        direct = self.direct
+        if direct == "auto":
+            if self._nowait:
+                done = report.cached_bytes = self._cached(view, offset)
+            direct = self._nowait  # (residency unknown: the page cache, which is never slow)
+        if done < n and direct is not False and _address(view) % ALIGN == offset % ALIGN:
             start = -(-(offset + done) // ALIGN) * ALIGN  # the aligned middle of what is left
             stop = (offset + n) // ALIGN * ALIGN
             if stop > start and self._direct(view, offset, start, stop, report):
@@ -102,7 +108,8 @@ class FileReader:
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                return 0  # (the file system cannot say: read it the other ways)
+                self._nowait = False  # (the file system cannot say what is cached)
+                return done
             if got <= 0:
                 break
             done += got
