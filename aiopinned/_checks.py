@@ -51,6 +51,12 @@ def as_timeout(timeout: object) -> float:
     return math.inf if timeout is None else as_seconds(timeout, "timeout")
 
 
+def as_callback(value: object, what: str) -> None:
+    """``None`` or something callable."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{what} must be callable, not {type(value).__name__}")
+
+
 def as_flag(value: object, what: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{what} must be True or False, not {type(value).__name__}")

@@ -73,18 +73,14 @@ class GraphHolds:
 
     def _hold(self, block: Block, capture: object) -> None:
         assert self._capture is not None
-        on_loop = get_ident() == self._thread_id
-        if on_loop:
-            block.graphs += 1
-        else:
-            self._port.post(_count, block, 1)
+        count: Callable[[int], object] = partial(_count, block)  # (on the loop; else posted)
+        if get_ident() != self._thread_id:
+            count = partial(self._port.post, _count, block)
+        count(1)
         try:
             self._capture.hold_for_graph(capture, partial(self._port.post, self._ended, block))
         except BaseException:
-            if on_loop:
-                block.graphs -= 1
-            else:
-                self._port.post(_count, block, -1)
+            count(-1)
             raise
 
     def _ended(self, block: Block) -> None:

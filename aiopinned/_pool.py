@@ -199,8 +199,7 @@ class PinnedPool:
         Raises ``PinnedMemoryError`` where the system refuses to pin more (what was pinned is
         kept), and ``PoolClosed`` where the pool closed meanwhile."""
         total, block = check.as_reserve(nbytes, block_bytes, self._cap, self._max_bytes is None)
-        if progress is not None and not callable(progress):
-            raise TypeError(f"progress must be callable, not {type(progress).__name__}")
+        check.as_callback(progress, "progress")
         self._check_request(0)
         return await self._growth.reserve(self._rt.pinning, total, block, progress)
 

@@ -150,7 +150,7 @@ class PoolCollector:
         )
 
     def _families(self, samples: list[tuple[dict[str, str], PoolStats]]) -> Iterator[Metric]:
-        keys = list(_labels(next(iter(self._pools.values())), "", self._extra))
+        keys = ["device", "pool", *self._extra]
         for name, doc, read in GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=keys)
             for labels, stats in samples:

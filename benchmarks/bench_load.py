@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from aiopinned.loader._reader import drop_page_cache
+
 GB, MiB = 1e9, 1 << 20
 LOADERS = ("aiopinned", "safetensors", "fastsafetensors", "runai", "instanttensor")
 STRIDE = 4093
@@ -107,14 +109,6 @@ def make_checkpoint(folder: Path, gib: float, shards: int = 4) -> dict[str, Any]
     meta = {"gib": gib, "files": files, "checksums": sums}
     manifest.write_text(json.dumps(meta))
     return meta
-
-
-def drop_cache(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
 
 
 def cold_proof_gbps(path: Path, nbytes: int = 64 * MiB) -> float:
@@ -387,9 +381,9 @@ def main() -> None:
     limits["warm, page cache registered and copied"] = registered_page_cache_gbps(files)
     for threads in (1, 4, 8, 16):
         limits[f"O_DIRECT, {threads} threads"] = raw_read_gbps(files, threads, direct=True)
-    drop_cache(files)
+    drop_page_cache(files)
     limits["cold buffered, 1 thread"] = raw_read_gbps(files, 1, direct=False)
-    drop_cache(files)
+    drop_page_cache(files)
     limits["cold buffered, 16 threads"] = raw_read_gbps(files, 16, direct=False)
     direct_best = max(v for k, v in limits.items() if k.startswith("O_DIRECT"))
     cold_read = max(direct_best, limits["cold buffered, 16 threads"])
@@ -408,9 +402,9 @@ def main() -> None:
                 if state == "warm":
                     warm_cache(files)
                 else:
-                    drop_cache(files)
+                    drop_page_cache(files)
                     proof = cold_proof_gbps(files[-1])  # (then dropped again)
-                    drop_cache(files)
+                    drop_page_cache(files)
                 say(f"{state} round {r + 1}: {name}")
                 got = run_row(name, files)
                 got["proof"] = proof

@@ -43,6 +43,7 @@ from _device import byte_sum, copy_by_address, pick_backend
 from prefetch_pipeline import read_into
 
 from aiopinned import HostStream, PinnedPool
+from aiopinned.loader._reader import drop_page_cache
 
 MiB = 1 << 20
 GB = 1e9
@@ -98,13 +99,8 @@ def open_dataset(
 
 
 def evict(ds: Dataset) -> None:
-    """Ask the kernel to drop the shards from the page cache (for a cold read)."""
-    for i in range(ds.count):
-        fd = os.open(ds.path(i), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    """Drop the shards from the page cache (for a cold read)."""
+    drop_page_cache(ds.path(i) for i in range(ds.count))
 
 
 # -- the device side: copy stream + compute stream ------------------------------------------------

@@ -3,12 +3,12 @@ torch tensors on the device, dtypes as stored (bf16 and fp8 too), equal to safet
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from aiopinned import PinnedPool, load_safetensors, stream_safetensors
+from aiopinned.loader._reader import drop_page_cache
 
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("safetensors.torch")
@@ -36,11 +36,7 @@ async def test_a_checkpoint_loads_to_the_gpu_equal_to_safetensors(tmp_path: Path
     expected = checkpoint(tmp_path)
     for cold in (False, True):
         if cold:
-            for f in ("a.safetensors", "b.safetensors"):
-                fd = os.open(tmp_path / f, os.O_RDONLY)
-                os.fsync(fd)  # (dirty pages are not dropped)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
+            drop_page_cache([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
         got = await load_safetensors(tmp_path, "cuda", chunk_bytes=1 << 20, max_bytes=4 << 20)
         assert got.keys() == expected.keys()
         for name, want in expected.items():

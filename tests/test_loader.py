@@ -19,6 +19,7 @@ import pytest
 
 from aiopinned import FileReader, PinnedPool, load_safetensors, stream_safetensors
 from aiopinned.loader import ALIGN
+from aiopinned.loader._reader import drop_page_cache
 
 from .conftest import until
 
@@ -30,13 +31,7 @@ DTYPES = ["bool", "uint8", "int8", "int16", "uint16", "float16", "int32", "uint3
 
 
 def uncache(path: Path) -> None:
-    """Drop the file's pages from the page cache (written back first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_page_cache([path])
 
 
 def tensors(seed: int, count: int) -> dict[str, np.ndarray]:

@@ -61,9 +61,7 @@ class Entry:
 @dataclass(frozen=True)
 class Header:
     path: Path
-    size: int  #: the file's size in bytes
-    data_start: int  #: where the data begins (8 + the header's length)
-    entries: tuple[Entry, ...]  #: by begin offset
+    entries: tuple[Entry, ...]  #: by begin offset (absolute file offsets)
 
 
 Paths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -133,7 +131,7 @@ def read_header(path: Path) -> Header:
     for before, after in itertools.pairwise(entries):
         if after.begin < before.end:
             raise ValueError(f"{path}: tensors {before.name!r} and {after.name!r} overlap")
-    return Header(path, size, data_start, tuple(entries))
+    return Header(path, tuple(entries))
 
 
 def _entry(path: Path, name: str, spec: object, data_start: int, data_bytes: int) -> Entry:

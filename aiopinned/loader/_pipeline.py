@@ -35,6 +35,7 @@ import anyio
 import anyio.lowlevel
 
 from .._buffer import PinnedBuffer
+from .._checks import as_callback, as_size
 from .._pool import PinnedPool
 from ._format import Entry, Paths, checkpoint_files, read_header, regions, select
 from ._reader import ALIGN, FileReader, ReadReport
@@ -72,15 +73,11 @@ class Loaded(dict[str, Any]):
     report: ReadReport
 
 
-def _check_options(
-    max_bytes: object, chunk_bytes: object, threads: object, streams: object
-) -> None:
-    for name, value in (("chunk_bytes", chunk_bytes), ("threads", threads), ("streams", streams)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, not {value!r}")
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be an int >= 1, not {max_bytes!r}")
-    if chunk_bytes % ALIGN:  # type: ignore[operator]
+def _check_options(**counts: object) -> None:
+    for name, value in counts.items():
+        if as_size(value, name) < 1:
+            raise ValueError(f"{name} must be >= 1, not {value!r}")
+    if counts["chunk_bytes"] % ALIGN:  # type: ignore[operator]
         raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}")
 
 
@@ -112,8 +109,7 @@ async def stream_safetensors(
     any device memory is used.
     """
     _check_options(max_bytes=max_bytes, chunk_bytes=chunk_bytes, threads=threads, streams=streams)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be callable, not {type(progress).__name__}")
+    as_callback(progress, "progress")
     if direct not in ("auto", True, False):
         raise ValueError(f"direct must be 'auto', True or False, not {direct!r}")
     files = checkpoint_files(paths)

@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger("aiopinned")
@@ -62,7 +63,6 @@ class FileReader:
         self._nowait = bool(_NOWAIT)
         self._lock = threading.Lock()
         self.report = ReadReport()
-        self.size = os.fstat(self._fd).st_size
 
     def close(self) -> None:
         for fd in (self._fd, self._direct_fd):
@@ -174,3 +174,15 @@ class FileReader:
 
 def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+
+
+def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Drop the files' pages from the page cache (written back first: dirty pages stay), so
+    that the next read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

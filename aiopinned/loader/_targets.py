@@ -98,7 +98,10 @@ class CudaTarget:
                 raise ValueError(f"tensor {entry.name!r}: this torch has no {entry.dtype}")
 
     def empty(self, nbytes: int) -> Any:
-        return self._torch.empty(nbytes, dtype=self._torch.uint8, device=self._where)
+        dest = self._torch.empty(nbytes, dtype=self._torch.uint8, device=self._where)
+        for stream in self.streams:  # (torch's allocator: not reused before the copies end)
+            dest.record_stream(stream)
+        return dest
 
     def copy(self, dest: Any, at: int, src: int, nbytes: int, stream: Any) -> None:
         with self._torch.cuda.device(self.device):
@@ -108,7 +111,6 @@ class CudaTarget:
                 ),
                 f"cudaMemcpyAsync({nbytes})",
             )
-        dest.record_stream(stream)  # (torch's allocator: not reused before the copy ends)
 
     def marker(self, stream: Any) -> Any:
         event = self._torch.cuda.Event()
