@@ -44,7 +44,16 @@ import numpy as np
 from aiopinned.loader._reader import drop_page_cache
 
 GB, MiB = 1e9, 1 << 20
-LOADERS = ("aiopinned", "safetensors", "fastsafetensors", "runai", "instanttensor")
+LOADERS = (
+    "aiopinned",
+    "aiopinned-read",
+    "safetensors",
+    "fastsafetensors",
+    "runai",
+    "instanttensor",
+)
+#: rows that differ from another only in how they read cached data (run warm only)
+WARM_ONLY = ("aiopinned-read",)
 STRIDE = 4093
 
 
@@ -134,36 +143,8 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
 
     facts: dict[str, Any] = {}
     strs = [str(f) for f in files]
-    if name == "aiopinned":
-        import anyio
-
-        from aiopinned import PinnedPool, load_safetensors
-        from aiopinned.loader._pipeline import DEFAULT_MAX_BYTES
-
-        async def run() -> Any:
-            stall = [0.0]
-
-            async def ticker() -> None:
-                last = time.perf_counter()
-                while True:
-                    await anyio.sleep(0.001)
-                    now = time.perf_counter()
-                    stall[0] = max(stall[0], now - last - 0.001)
-                    last = now
-
-            async with (
-                PinnedPool("cuda", max_bytes=DEFAULT_MAX_BYTES) as pool,
-                anyio.create_task_group() as tg,
-            ):
-                tg.start_soon(ticker)
-                out = await load_safetensors(files, "cuda:0", pool=pool)
-                tg.cancel_scope.cancel()
-                pinned = pool.stats().peak_reserved_bytes
-            facts.update(stall_ms=stall[0] * 1e3, report=vars(out.report), version="this tree",
-                         pinned_peak=pinned, backend="page cache or O_DIRECT")  # fmt: skip
-            return out
-
-        return dict(anyio.run(run)), facts
+    if name in ("aiopinned", "aiopinned-read"):
+        return aiopinned_row(files, map_cached=name == "aiopinned")
     if name == "safetensors":
         import safetensors
         from safetensors.torch import load_file
@@ -207,6 +188,70 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
         facts.update(version=version("instanttensor"), backend="its default policy")
         return out, facts
     raise ValueError(name)
+
+
+def aiopinned_row(files: list[Path], *, map_cached: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """aiopinned's load, with the loop's longest stall (and, where one passed 5 ms, what the
+    loop thread was running then).  ``map_cached=False``: cached ranges read into pool buffers
+    rather than registered and copied from (the other warm path, for comparison)."""
+    import threading
+    import traceback
+
+    import anyio
+
+    from aiopinned import PinnedPool, load_safetensors
+    from aiopinned.loader import _chunks, _pipeline
+
+    if not map_cached:
+        _chunks.Chunk.resident = lambda self: False  # type: ignore[method-assign]
+
+    async def run() -> tuple[Any, dict[str, Any]]:
+        beat, worst, where = [time.perf_counter()], [0.0], [""]
+        loop_thread, stop = threading.get_ident(), threading.Event()
+
+        async def ticker() -> None:
+            while True:
+                await anyio.sleep(0.001)
+                now = time.perf_counter()
+                worst[0] = max(worst[0], now - beat[0] - 0.001)
+                beat[0] = now
+
+        def watchdog() -> None:  # the longest stall past 5 ms: what the loop thread ran
+            longest = 0.006
+            while not stop.wait(0.0005):
+                late = time.perf_counter() - beat[0]
+                frame = sys._current_frames().get(loop_thread) if late > longest else None
+                if frame is not None:
+                    longest, stack = late, traceback.format_stack(frame, limit=6)
+                    where[0] = " <- ".join(line.strip().split("\n")[0] for line in stack[::-1])
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            async with (
+                PinnedPool("cuda", max_bytes=_pipeline.DEFAULT_MAX_BYTES) as pool,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(ticker)
+                out = await load_safetensors(files, "cuda:0", pool=pool)
+                tg.cancel_scope.cancel()
+                pooled = pool.stats().peak_reserved_bytes
+        finally:
+            stop.set()
+        report = out.report
+        backend = "page cache registered" if map_cached else "page cache read"
+        facts = {
+            "stall_ms": worst[0] * 1e3,
+            "stall_where": where[0],
+            "report": vars(report),
+            "version": "this tree",
+            "pinned_peak": pooled + report.mapped_peak_bytes,
+            "cap": _pipeline.DEFAULT_MAX_BYTES,
+            "backend": f"{backend}, or O_DIRECT",
+        }
+        return out, facts
+
+    out, facts = anyio.run(run)
+    return dict(out), facts
 
 
 def device_checksums(tensors: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -398,6 +443,8 @@ def main() -> None:
     for state in args.states.split(","):
         for r in range(args.rounds):
             for name in loaders if r % 2 == 0 else loaders[::-1]:
+                if state == "cold" and name in WARM_ONLY:
+                    continue
                 proof = None
                 if state == "warm":
                     warm_cache(files)
@@ -431,17 +478,18 @@ def report(
           f"{args.rounds} rounds (ranges over the rounds; ratios of each row's best)")  # fmt: skip
     print("limits, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
     for state in args.states.split(","):
+        names = [name for name in loaders if (state, name) in results]
         speeds = {
             name: [nbytes / r["seconds"] / GB for r in results[(state, name)] if "seconds" in r]
-            for name in loaders
+            for name in names
         }
-        peers = [max(v) for n, v in speeds.items() if n != "aiopinned" and v]
+        peers = [max(v) for n, v in speeds.items() if not n.startswith("aiopinned") and v]
         best_peer = max(peers, default=float("nan"))
         print(f"\n{state} (limit {bound[state]:.1f} GB/s)")
         print(
             f"  {'loader':<16} {'GB/s':>12} {'x best peer':>12} {'x limit':>8} {'RSS GB':>7}  notes"
         )
-        for name in loaders:
+        for name in names:
             rows, done = results[(state, name)], speeds[name]
             if not done:
                 print(f"  {name:<16} {'skipped':>12}  {rows[0].get('skipped', '')}")
@@ -455,9 +503,14 @@ def report(
             pinned = [int(r["pinned_peak"]) for r in ok if r.get("pinned_peak") is not None]
             if len(pinned) == len(ok):
                 notes += f"; pinned peak {max(pinned) / MiB:.0f} MiB"
-            if name == "aiopinned":
-                stall = max(r["stall_ms"] for r in ok)
-                notes += f"; loop stall max {stall:.2f} ms; read {ok[-1]['report']}"
+            if name.startswith("aiopinned"):
+                worst = max(ok, key=lambda r: r["stall_ms"])
+                notes += f" (cap {ok[0]['cap'] / MiB:.0f} MiB)"
+                notes += f"; loop stall max {worst['stall_ms']:.2f} ms"
+                if worst["stall_where"]:
+                    notes += f" (the loop was in: {worst['stall_where']})"
+                read = {k: v for k, v in ok[-1]["report"].items() if v}
+                notes += f"; read {read}"
             print(
                 f"  {name:<16} {min(done):5.1f}-{max(done):<6.1f} {max(done) / best_peer:>11.2f}x "
                 f"{max(done) / bound[state]:>7.2f}x {max(r['rss'] for r in ok) / GB:>7.2f}  "
