@@ -69,9 +69,10 @@ def main() -> None:
         count = asyncio.run(stream_into(model, folder, device))
         elapsed = time.perf_counter() - t0
         # The rotary embedding's buffers are not saved: made as the reference makes them (on the
-        # CPU, then moved), so that both compute alike.
+        # CPU, cast to the dtype as ``.to(dtype)`` casts every float buffer, then moved), so
+        # that both compute alike.
         with torch.device("cpu"):
-            model.model.rotary_emb = type(model.model.rotary_emb)(config).to(where)
+            model.model.rotary_emb = type(model.model.rotary_emb)(config).to(dtype).to(where)
         reference = LlamaForCausalLM(config).to(dtype)
         reference.load_state_dict(load_file(folder / "model.safetensors"))
         reference.to(where)
