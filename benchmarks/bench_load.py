@@ -200,10 +200,10 @@ def aiopinned_row(files: list[Path], *, map_cached: bool) -> tuple[dict[str, Any
     import anyio
 
     from aiopinned import PinnedPool, load_safetensors
-    from aiopinned.loader import _chunks, _pipeline
+    from aiopinned.loader import _pipeline, _window
 
     if not map_cached:
-        _chunks.Chunk.resident = lambda self: False  # type: ignore[method-assign]
+        _window.MAP_CACHED = False
 
     async def run() -> tuple[Any, dict[str, Any]]:
         beat, worst, where = [time.perf_counter()], [0.0], [""]
