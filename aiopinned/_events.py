@@ -46,9 +46,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable
+from functools import partial
 from typing import Any
 
-from ._loopport import LoopPort
+from ._loopport import LoopPort, start_thread
 from ._waiters import InFlight
 from .backends.base import Backend
 
@@ -79,9 +80,7 @@ class _Helper:
     def __init__(self, watcher: EventWatcher, key: Hashable) -> None:
         self.queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self.alive = True
-        threading.Thread(
-            target=self._run, args=(watcher, key), name=f"aiopinned-watch-{key!r}", daemon=True
-        ).start()
+        start_thread(partial(self._run, watcher, key))  # (not waiting for it: on the loop)
 
     def _run(self, watcher: EventWatcher, key: Hashable) -> None:
         backend, port, q, idle_s = watcher._backend, watcher._port, self.queue, watcher.idle_s

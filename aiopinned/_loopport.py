@@ -1,8 +1,7 @@
 """The way back into the pool's event loop from other threads, and calls that leave it.
 
-``LoopPort`` wraps the one primitive each event loop offers to foreign threads
-(``loop.call_soon_threadsafe`` on asyncio and uvloop, ``TrioToken.run_sync_soon`` on trio) and
-knows which loop and thread the pool belongs to.
+``LoopPort`` wraps the one primitive each event loop offers to foreign threads (asyncio's
+``call_soon_threadsafe``, trio's ``run_sync_soon``) and knows the pool's loop and thread.
 
 ``run_off_loop`` runs a blocking backend call in a worker thread and never loses its result: if
 the awaiting task is cancelled (or times out) first, the result is handed to ``on_orphan`` on the
@@ -12,6 +11,7 @@ loop once the thread finishes, so memory pinned for a caller who went away is ad
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import concurrent.futures
 import logging
@@ -231,7 +231,7 @@ async def run_off_loop(
         elif not port.post(orphan, result, error):
             orphan(result, error)  # the loop is gone: settle it here rather than lose it
 
-    start_thread(work, "aiopinned-backend")
+    start_thread(work)
     try:
         await finished.wait()
     except BaseException:
@@ -290,9 +290,9 @@ _REAPER = _Reaper()
 start_reaper = _REAPER.start
 
 
-def start_thread(fn: Callable[[], object], name: str) -> None:
-    """Run ``fn()`` in a daemon thread of its own, started now (not from a finalizer)."""
-    threading.Thread(target=fn, name=name, daemon=True).start()
+def start_thread(fn: Callable[[], object]) -> None:
+    """``fn()`` in a daemon thread, started now, not waiting for it to run (docs/design.md)."""
+    _thread.start_new_thread(fn, ())
 
 
 def run_detached(fn: Callable[[], object]) -> None:

@@ -74,7 +74,7 @@ class Pinning:
             return
         if self._scrubs is None:
             self._scrubs = queue.SimpleQueue()
-            start_thread(partial(self._scrubber, self._scrubs), "aiopinned-scrub")
+            start_thread(partial(self._scrubber, self._scrubs))
         self.background.started()
         self._scrubs.put((block, then))
 
@@ -141,7 +141,7 @@ class Pinning:
             then(still)
 
         self.background.started()
-        start_thread(work, "aiopinned-trim")
+        start_thread(work)
 
     def unpin_after_streams(self, block: Block) -> None:
         """Any thread, finalizers included: unpin ``block`` once the work queued on its streams

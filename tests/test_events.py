@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from aiopinned import HostStream
+from aiopinned import HostStream, _events
 from aiopinned._events import EventWatcher
 from aiopinned._loopport import LoopPort
 from aiopinned.backends.host import HostBackend
@@ -76,16 +76,22 @@ async def test_after_calls_back_once_every_stream_is_done() -> None:
     w.stop()
 
 
-async def test_idle_helpers_exit_after_idle_s_and_use_nothing_meanwhile() -> None:
+async def test_idle_helpers_exit_after_idle_s_and_use_nothing_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[threading.Thread] = []
+
+    def start_watched(fn: Callable[[], object]) -> None:  # (so that the test sees it end)
+        started.append(threading.Thread(target=fn, daemon=True))
+        started[-1].start()
+
+    monkeypatch.setattr(_events, "start_thread", start_watched)
     w, _ = watcher(idle_s=0)
     stream, done = HostStream(), []
     w.after([stream], lambda: done.append(1))
     await until(lambda: done == [1])
-
-    def helpers() -> int:
-        return sum(t.name.startswith("aiopinned-watch") for t in threading.enumerate())
-
-    await until(lambda: helpers() == 0)
+    assert started
+    await until(lambda: not any(t.is_alive() for t in started))
 
 
 async def test_spin_polls_on_the_loop_while_told_to(monkeypatch: pytest.MonkeyPatch) -> None:

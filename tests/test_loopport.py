@@ -4,12 +4,14 @@ their outcome)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
+from aiopinned import _loopport
 from aiopinned._loopport import LoopGone, LoopPort, run_detached, run_off_loop
 
 from .conftest import settle, until
@@ -80,7 +82,16 @@ async def test_a_caller_that_leaves_hands_the_outcome_to_on_orphan_once() -> Non
     assert orphaned == [("pinned", None)]
 
 
-async def test_a_caller_cancelled_after_the_call_finished_still_hands_it_on() -> None:
+async def test_a_caller_cancelled_after_the_call_finished_still_hands_it_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[threading.Thread] = []
+
+    def start_joinable(fn: Callable[[], object]) -> None:  # (so that the test can join it)
+        started.append(threading.Thread(target=fn))
+        started[-1].start()
+
+    monkeypatch.setattr(_loopport, "start_thread", start_joinable)
     orphaned: list[tuple[Any, BaseException | None]] = []
     returned: list[int] = []
     port = LoopPort()
@@ -93,13 +104,22 @@ async def test_a_caller_cancelled_after_the_call_finished_still_hands_it_on() ->
 
             tg.start_soon(call)
             await wait_all_tasks_blocked()
-            for thread in threading.enumerate():  # the call is over and its wake-up posted,
-                if thread.name == "aiopinned-backend":  # but the loop has not run it yet
-                    thread.join()
+            for thread in started:  # the call is over and its wake-up posted,
+                thread.join()  # but the loop has not run it yet
             scope.cancel()
     # Exactly once: asyncio cancels the waiting caller, so the pool adopts the outcome; trio
     # may have rescheduled the caller with its result first, and a rescheduled task keeps it.
     assert returned + [result for result, _ in orphaned] == [7]
+
+
+async def test_a_thread_is_started_without_waiting_for_it_to_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def waits(self: threading.Thread) -> None:  # (waits for the new thread to take the GIL)
+        raise AssertionError("threading.Thread.start() on the loop")
+
+    monkeypatch.setattr(threading.Thread, "start", waits)
+    assert await run_off_loop(LoopPort(), lambda: 7, on_orphan=lambda *o: None) == 7
 
 
 async def test_run_detached_runs_in_the_reaper_thread_even_from_a_finalizer() -> None:
