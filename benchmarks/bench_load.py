@@ -438,6 +438,7 @@ def main() -> None:
     )
     bound = {"warm": min(limits["copy"], warm_read),
              "cold": min(limits["copy"], cold_read)}  # fmt: skip
+    say("limits, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
     loaders = args.loaders.split(",")
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for state in args.states.split(","):
@@ -460,6 +461,12 @@ def main() -> None:
                     got["wrong"] = [k for k, v in meta["checksums"].items()
                                     if tuple(sums.get(k, ())) != tuple(v)]  # fmt: skip
                 results.setdefault((state, name), []).append(got)
+                if "seconds" in got:  # (as it goes: a run cut short still says something)
+                    extra = {k: got[k] for k in ("stall_ms", "stall_where", "report") if k in got}
+                    say(f"  {got['bytes'] / got['seconds'] / GB:.1f} GB/s, "
+                        f"{len(got['wrong'])} wrong, {extra}")  # fmt: skip
+                else:
+                    say(f"  {got.get('skipped')}")
     report(limits, bound, results, files, loaders, args)
 
 
