@@ -14,9 +14,10 @@ process of its own (so that its peak RSS is its own), in two cache states:
 
 Rows alternate their order over rounds; a peer that is not installed prints as skipped.  Every
 tensor every loader returns is checked on the device against the manifest (a byte sum and a sum
-of every 4093rd byte).  In the same run, the limits: the files' raw read bandwidth (buffered warm
-and cold, ``O_DIRECT`` at 1-16 threads, into pinned memory; warm, also the page cache's own pages
-registered read-only and copied to the device), host->device from one pinned buffer, and device
+of every 4093rd byte).  In the same run, the limits: the files' raw read bandwidth into pinned
+memory (buffered warm and cold; ``O_DIRECT`` at 1-32 threads, 16 and 64 MiB reads; warm, also
+the page cache's own pages registered read-only and copied to the device, the other way a
+loader could skip the CPU's copy), host->device from one pinned buffer, and device
 memory for the checkpoint allocated per file against per tensor.  Each cold row is proved cold
 by a buffered read just before it (the disk's pace, not the page cache's).  Ratios are against
 the fastest peer and against the state's limit (the lower of the copy ceiling and the best raw
@@ -44,16 +45,7 @@ import numpy as np
 from aiopinned.loader._reader import drop_page_cache
 
 GB, MiB = 1e9, 1 << 20
-LOADERS = (
-    "aiopinned",
-    "aiopinned-read",
-    "safetensors",
-    "fastsafetensors",
-    "runai",
-    "instanttensor",
-)
-#: rows that differ from another only in how they read cached data (run warm only)
-WARM_ONLY = ("aiopinned-read",)
+LOADERS = ("aiopinned", "safetensors", "fastsafetensors", "runai", "instanttensor")
 STRIDE = 4093
 
 
@@ -143,8 +135,8 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
 
     facts: dict[str, Any] = {}
     strs = [str(f) for f in files]
-    if name in ("aiopinned", "aiopinned-read"):
-        return aiopinned_row(files, map_cached=name == "aiopinned")
+    if name == "aiopinned":
+        return aiopinned_row(files)
     if name == "safetensors":
         import safetensors
         from safetensors.torch import load_file
@@ -190,20 +182,16 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
     raise ValueError(name)
 
 
-def aiopinned_row(files: list[Path], *, map_cached: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def aiopinned_row(files: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     """aiopinned's load, with the loop's longest stall (and, where one passed 5 ms, what the
-    loop thread was running then).  ``map_cached=False``: cached ranges read into pool buffers
-    rather than registered and copied from (the other warm path, for comparison)."""
+    loop thread and the others were running then)."""
     import threading
     import traceback
 
     import anyio
 
     from aiopinned import PinnedPool, load_safetensors
-    from aiopinned.loader import _pipeline, _window
-
-    if not map_cached:
-        _window.MAP_CACHED = False
+    from aiopinned.loader import _pipeline
 
     async def run() -> tuple[Any, dict[str, Any]]:
         beat, worst, where = [time.perf_counter()], [0.0], [""]
@@ -220,10 +208,15 @@ def aiopinned_row(files: list[Path], *, map_cached: bool) -> tuple[dict[str, Any
             longest = 0.006
             while not stop.wait(0.0005):
                 late = time.perf_counter() - beat[0]
-                frame = sys._current_frames().get(loop_thread) if late > longest else None
-                if frame is not None:
-                    longest, stack = late, traceback.format_stack(frame, limit=6)
+                frames = sys._current_frames() if late > longest else {}
+                if loop_thread in frames:  # (the loop's stack, and every other thread's top)
+                    longest, stack = late, traceback.format_stack(frames[loop_thread], limit=6)
                     where[0] = " <- ".join(line.strip().split("\n")[0] for line in stack[::-1])
+                    others = [traceback.format_stack(f, limit=2) for i, f in frames.items()
+                              if i not in (loop_thread, threading.get_ident())]  # fmt: skip
+                    tops = sorted({" | ".join(x.strip().split("\n")[0] for x in o[::-1])
+                                   for o in others})  # fmt: skip
+                    where[0] += "; other threads: " + " // ".join(tops)
 
         threading.Thread(target=watchdog, daemon=True).start()
         try:
@@ -238,15 +231,14 @@ def aiopinned_row(files: list[Path], *, map_cached: bool) -> tuple[dict[str, Any
         finally:
             stop.set()
         report = out.report
-        backend = "page cache registered" if map_cached else "page cache read"
         facts = {
             "stall_ms": worst[0] * 1e3,
             "stall_where": where[0],
             "report": vars(report),
             "version": "this tree",
-            "pinned_peak": pooled + report.mapped_peak_bytes,
+            "pinned_peak": pooled,
             "cap": _pipeline.DEFAULT_MAX_BYTES,
-            "backend": f"{backend}, or O_DIRECT",
+            "backend": "page cache or O_DIRECT, per range",
         }
         return out, facts
 
@@ -424,8 +416,11 @@ def main() -> None:
     warm_cache(files)
     limits["warm buffered, 16 threads"] = raw_read_gbps(files, 16, direct=False)
     limits["warm, page cache registered and copied"] = registered_page_cache_gbps(files)
-    for threads in (1, 4, 8, 16):
+    for threads in (1, 4, 16, 32):
         limits[f"O_DIRECT, {threads} threads"] = raw_read_gbps(files, threads, direct=True)
+    limits["O_DIRECT, 16 threads of 64 MiB reads"] = raw_read_gbps(
+        files, 16, direct=True, chunk=64 * MiB
+    )
     drop_page_cache(files)
     limits["cold buffered, 1 thread"] = raw_read_gbps(files, 1, direct=False)
     drop_page_cache(files)
@@ -444,8 +439,6 @@ def main() -> None:
     for state in args.states.split(","):
         for r in range(args.rounds):
             for name in loaders if r % 2 == 0 else loaders[::-1]:
-                if state == "cold" and name in WARM_ONLY:
-                    continue
                 proof = None
                 if state == "warm":
                     warm_cache(files)

@@ -46,9 +46,6 @@ async def test_a_checkpoint_loads_to_the_gpu_equal_to_safetensors(tmp_path: Path
             assert torch.equal(have.cpu().view(torch.uint8), want.view(torch.uint8)), name
         if cold:
             assert got.report.direct_bytes > 0
-        else:  # (just written: cached, so registered read-only and copied from)
-            assert got.report.mapped_bytes > 0, got.report
-            assert got.report.mapped_peak_bytes <= 4 << 20
     ref = st.load_file(tmp_path / "b.safetensors", device="cuda")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 

@@ -20,7 +20,6 @@ import pytest
 from aiopinned import FileReader, PinnedPool, load_safetensors, stream_safetensors
 from aiopinned.loader import ALIGN
 from aiopinned.loader._reader import drop_page_cache
-from aiopinned.loader._targets import HostTarget
 
 from .conftest import until
 
@@ -211,7 +210,7 @@ async def test_a_callers_pool_stages_the_load_and_is_left_open_and_quiet(tmp_pat
 
 @pytest.mark.parametrize("after", [0, 25, 45])  # (the first 18 are zero-size: no read)
 async def test_cancelling_mid_load_leaves_the_pool_with_nothing_active(
-    tmp_path: Path, after: int, pins: Pins
+    tmp_path: Path, after: int
 ) -> None:
     index, _ = write_checkpoint(tmp_path)
     async with PinnedPool("host", max_bytes=64 * KB) as pool:
@@ -227,117 +226,6 @@ async def test_cancelling_mid_load_leaves_the_pool_with_nothing_active(
         await until(lambda: pool.stats().pending_events == 0)
         s = pool.stats()
         assert (s.active_requests, s.active_bytes, s.waiters) == (0, 0, 0)
-    assert not pins.live and (pins.count > 0 or after == 0)  # (cached files: pinned, all let go)
-
-
-# -- cached ranges copied from the page cache's own pages --------------------------------------
-class Pins:
-    """``HostTarget.pin``/``unpin`` watched: what is registered now, the most at once, and any
-    range registered twice at the same time (CUDA refuses that)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.live: dict[int, int] = {}
-        self.peak = self.count = 0
-        self.overlaps: list[int] = []
-        pin, unpin = HostTarget.pin, HostTarget.unpin
-
-        def watched_pin(target: HostTarget, ptr: int, nbytes: int) -> None:
-            pin(target, ptr, nbytes)
-            if any(p < ptr + nbytes and ptr < p + n for p, n in self.live.items()):
-                self.overlaps.append(ptr)
-            self.live[ptr] = nbytes
-            self.count += 1
-            self.peak = max(self.peak, self.bytes)
-
-        def watched_unpin(target: HostTarget, ptr: int) -> None:
-            del self.live[ptr]
-            unpin(target, ptr)
-
-        monkeypatch.setattr(HostTarget, "pin", watched_pin)
-        monkeypatch.setattr(HostTarget, "unpin", watched_unpin)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.live.values())
-
-
-@pytest.fixture
-def pins(monkeypatch: pytest.MonkeyPatch) -> Pins:
-    return Pins(monkeypatch)
-
-
-async def test_cached_ranges_are_copied_from_the_page_cache_and_every_pin_released(
-    tmp_path: Path, pins: Pins
-) -> None:
-    index, expected = write_checkpoint(tmp_path)
-    total = sum(a.nbytes for a in expected.values())
-    got = await load_safetensors(index, chunk_bytes=8 * ALIGN, max_bytes=128 * KB)
-    same(got, expected)
-    assert got.report.mapped_bytes == got.report.moved_bytes == total  # (all cached: just written)
-    assert 0 < got.report.mapped_peak_bytes == pins.peak <= 128 * KB
-    assert pins.count > 1 and not pins.live and not pins.overlaps
-    for direct in (True, False):  # forced one way: read, never mapped
-        got = await load_safetensors(index, chunk_bytes=8 * ALIGN, direct=direct)
-        assert got.report.mapped_bytes == 0 and got.report.moved_bytes == total
-
-
-async def test_a_selection_whose_regions_share_pages_never_registers_a_page_twice(
-    tmp_path: Path, pins: Pins
-) -> None:
-    path = tmp_path / "m.safetensors"
-    expected = {f"t{i:03d}": np.full(1000 + i, i, dtype=np.uint8) for i in range(64)}
-    sn.save_file(expected, path)
-    names = [f"t{i:03d}" for i in range(0, 64, 2)]  # every other one: 32 regions, pages shared
-    got = await load_safetensors(path, names=names, chunk_bytes=ALIGN)
-    same(got, {n: expected[n] for n in names})
-    assert not pins.overlaps and not pins.live
-    assert got.report.moved_bytes == sum(expected[n].nbytes for n in names)
-
-
-async def test_a_refused_registration_reads_instead_said_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    index, expected = write_checkpoint(tmp_path)
-
-    def refuse(target: HostTarget, ptr: int, nbytes: int) -> None:
-        raise OSError(errno.ENOMEM, "no page-locked memory left")
-
-    monkeypatch.setattr(HostTarget, "pin", refuse)
-    with caplog.at_level("WARNING", logger="aiopinned"):
-        got = await load_safetensors(index, chunk_bytes=8 * ALIGN, max_bytes=64 * KB)
-    same(got, expected)
-    assert got.report.mapped_bytes == 0 and "page-locked" in (got.report.mapped_refused or "")
-    assert len([r for r in caplog.records if "reading cached ranges" in r.message]) == 1
-
-
-async def test_pins_and_the_pools_blocks_stay_under_the_cap_together(
-    tmp_path: Path, pins: Pins
-) -> None:
-    path = tmp_path / "m.safetensors"
-    expected = {f"t{i:02d}": np.full(96 * KB + i, i, dtype=np.uint8) for i in range(24)}
-    sn.save_file(expected, path)
-    uncache(path)
-    fd = os.open(path, os.O_RDONLY)  # every other 64 KiB cached: the load pins and reads by turns
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # (no read-ahead)
-    for at in range(0, path.stat().st_size, 128 * KB):
-        os.pread(fd, 64 * KB, at)
-    os.close(fd)
-    cap, most = 192 * KB, [0]
-    async with PinnedPool("host", max_bytes=cap) as pool:
-
-        async def watch() -> None:
-            while True:
-                most[0] = max(most[0], pool.stats().reserved_bytes + pins.bytes)
-                await anyio.sleep(0.0002)  # (a busy loop would starve the readers of the GIL)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
-            got = await load_safetensors(path, pool=pool, chunk_bytes=16 * ALIGN)
-            tg.cancel_scope.cancel()
-    same(got, expected)
-    report = got.report
-    assert report.mapped_bytes > 0 and report.direct_bytes + report.buffered_bytes > 0
-    assert 0 < most[0] <= cap and not pins.live
 
 
 # -- malformed files ----------------------------------------------------------------------------

@@ -36,14 +36,8 @@ try:
     _libc: Any = ctypes.CDLL(None, use_errno=True)
     _mincore: Any = _libc.mincore
     _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    _mmap: Any = _libc.mmap
-    _mmap.restype = ctypes.c_void_p
-    _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_long]  # fmt: skip
-    _munmap: Any = _libc.munmap
-    _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 except (OSError, AttributeError):  # pragma: no cover - not Linux or no mincore
-    _libc = _mincore = _mmap = _munmap = None
+    _libc = _mincore = None
 
 
 def default_threads() -> int:
@@ -133,21 +127,6 @@ def not_resident(ptr: int, size: int) -> list[tuple[int, int]]:
         (ptr + m.start() * page, min(m.end() * page, size) - m.start() * page)
         for m in re.finditer(b"\x00+", flags)
     ]
-
-
-def map_file(fd: int, size: int) -> int | None:
-    """A file's first ``size`` bytes mapped shared and read-only (its page cache's own pages);
-    the address, or None where that cannot be done.  (Python's ``mmap`` does not give the
-    address of a read-only mapping, hence libc's.)"""
-    if _mmap is None or size <= 0:  # pragma: no cover - not Linux
-        return None
-    ptr = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    return None if ptr in (None, ctypes.c_void_p(-1).value) else int(ptr)
-
-
-def unmap(ptr: int, size: int) -> None:
-    if _munmap(ptr, size) != 0:  # pragma: no cover - the range is ours and mapped
-        raise OSError(ctypes.get_errno(), f"munmap({ptr:#x}, {size})")
 
 
 def _pieces(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -21,16 +21,6 @@ class Chunk:
     end: int
     region_begin: int
     last: list[Entry]  # the tensors whose last byte is in this chunk (in file order)
-    #: whether its pages can be registered (no page of it is shared with another chunk)
-    mappable: bool = True
-
-    @property
-    def pages(self) -> tuple[int, int]:
-        """Its file range, rounded out to whole pages."""
-        return self.begin // ALIGN * ALIGN, -(-self.end // ALIGN) * ALIGN
-
-    def resident(self) -> bool:
-        return self.reader.resident(self.begin, self.end)
 
     @property
     def lead(self) -> int:
@@ -47,7 +37,6 @@ def plan(
 ) -> list[Chunk]:
     chunks: list[Chunk] = []
     for reader, entries in zip(readers, chosen, strict=True):
-        mine: list[Chunk] = []
         for begin, end, members in regions([e for e in entries if e.nbytes]):
             dest = target.empty(end - begin)
             cuts = [begin, *range((begin // size + 1) * size, end, size), end]
@@ -56,9 +45,5 @@ def plan(
                 last = []
                 while pending and pending[0].end <= b:
                     last.append(pending.popleft())
-                chunk = Chunk(reader, dest, a, b, begin, last)
-                if mine and mine[-1].pages[1] > chunk.pages[0]:  # (regions: a page may be shared)
-                    mine[-1].mappable = chunk.mappable = False
-                mine.append(chunk)
-        chunks += mine
+                chunks.append(Chunk(reader, dest, a, b, begin, last))
     return chunks

@@ -77,7 +77,6 @@ async def stream_safetensors(
     target = await anyio.to_thread.run_sync(make_target, device, streams)
     target.check([e for entries in chosen for e in entries])
     readers: list[FileReader] = []
-    pins = ReadReport()  # (the page cache registered: counted over all the files)
     own = pool is None
     try:
         readers.extend(FileReader(h.path, direct) for h in headers)
@@ -90,7 +89,7 @@ async def stream_safetensors(
         for entry in (e for entries in chosen for e in entries if e.nbytes == 0):
             yield entry.name, target.tensor(None, 0, entry)
         total = sum(c.end - c.begin for c in chunks)
-        items = run(pool, target, chunks, threads, total, progress, direct == "auto", pins)
+        items = run(pool, target, chunks, threads, total, progress)
         async with contextlib.aclosing(items):  # (closed here, not when collected)
             async for item in items:
                 yield item
@@ -103,8 +102,6 @@ async def stream_safetensors(
                 if report is not None:
                     report.add(reader.report)
                 reader.close()
-            if report is not None:
-                report.add(pins)
 
 
 async def load_safetensors(

@@ -13,10 +13,6 @@ out so that file offset ``o`` lands at an address congruent to ``o`` modulo ``AL
 blocks are page-aligned, so a buffer that starts at an aligned file offset does).  Where the file
 system refuses ``O_DIRECT`` (tmpfs, some network file systems), the reader says so once in a log
 line and in its report, and reads through the page cache from then on.
-
-``mapping()`` maps the whole file read-only (the page cache's own pages) and ``resident`` says
-whether a range of it is all in memory: the loader copies such ranges to the device straight
-from there (registered with ``cudaHostRegisterReadOnly``), with no read at all.
 """
 
 from __future__ import annotations
@@ -28,8 +24,6 @@ import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from ..backends._memory import map_file, not_resident, unmap
 
 log = logging.getLogger("aiopinned")
 
@@ -46,28 +40,19 @@ class ReadReport:
     cached_bytes: int = 0  #: copied out of the page cache (found resident)
     direct_bytes: int = 0  #: read ``O_DIRECT`` into pinned memory
     buffered_bytes: int = 0  #: read through the page cache (not resident, or not aligned)
-    #: copied to the device straight from the page cache's pages (mapped and registered)
-    mapped_bytes: int = 0
-    #: the most bytes of page cache registered at once (by a load, over all its files)
-    mapped_peak_bytes: int = 0
     #: why ``O_DIRECT`` was refused, if it was (then everything went through the page cache)
     direct_refused: str | None = None
-    #: why registering the page cache was refused, if it was (then cached ranges were read)
-    mapped_refused: str | None = None
 
     @property
     def moved_bytes(self) -> int:
         """Every byte brought in, however it came."""
-        return self.cached_bytes + self.direct_bytes + self.buffered_bytes + self.mapped_bytes
+        return self.cached_bytes + self.direct_bytes + self.buffered_bytes
 
     def add(self, other: ReadReport) -> None:
         self.cached_bytes += other.cached_bytes
         self.direct_bytes += other.direct_bytes
         self.buffered_bytes += other.buffered_bytes
-        self.mapped_bytes += other.mapped_bytes
-        self.mapped_peak_bytes = max(self.mapped_peak_bytes, other.mapped_peak_bytes)
         self.direct_refused = self.direct_refused or other.direct_refused
-        self.mapped_refused = self.mapped_refused or other.mapped_refused
 
 
 class FileReader:
@@ -82,14 +67,9 @@ class FileReader:
         #: whether ``RWF_NOWAIT`` can tell what is cached (where not, ``auto`` reads buffered)
         self._nowait = bool(_NOWAIT)
         self._lock = threading.Lock()
-        self._map: tuple[int, int] | None = None  # (address, size) once mapped
         self.report = ReadReport()
 
     def close(self) -> None:
-        """Closes the file and unmaps it (nothing may still be reading the mapping)."""
-        if self._map is not None and self._map[0]:
-            unmap(*self._map)
-        self._map = None
         for fd in (self._fd, self._direct_fd):
             if fd is not None and fd >= 0:
                 os.close(fd)
@@ -100,28 +80,6 @@ class FileReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def mapping(self) -> int | None:
-        """The address of the whole file mapped read-only (mapped on the first call), or None
-        where it cannot be mapped."""
-        with self._lock:
-            if self._map is None:
-                size = os.fstat(self._fd).st_size
-                self._map = (map_file(self._fd, size) or 0, size)
-            return self._map[0] or None
-
-    def resident(self, begin: int, end: int) -> bool:
-        """Whether the page cache holds all of ``[begin, end)`` (``mapping()`` first)."""
-        base = self.mapping()
-        if base is None or end <= begin:
-            return False
-        lo = begin // ALIGN * ALIGN
-        return not not_resident(base + lo, end - lo)
-
-    def add_mapped(self, nbytes: int) -> None:
-        """Count bytes the caller copied straight from the mapping."""
-        with self._lock:
-            self.report.mapped_bytes += nbytes
 
     def read_into(self, view: memoryview, offset: int) -> ReadReport:
         """Fill ``view`` (writable, C-contiguous bytes) from the file at ``offset`` (blocking);

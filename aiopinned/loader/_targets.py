@@ -2,10 +2,6 @@
 a few streams), or host memory (NumPy arrays, copies queued on ``HostStream``s, as the host
 backend's stand-in for a device).  Copies go by address: no view of a pool buffer outlives the
 call that queues its copy, so the buffer can be freed (with ``record_stream``) at once.
-
-``pin``/``unpin`` make a range of a file's read-only mapping something a copy can read: on CUDA,
-``cudaHostRegister(cudaHostRegisterReadOnly)`` (the page cache's pages page-locked where they are,
-no copy made); on the host, nothing is needed.  ``can_pin`` says whether the device can.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ TORCH_DTYPES = {
 class HostTarget:
     """NumPy arrays in ordinary memory; the pool's backend is ``host``."""
 
-    backend, device, can_pin = "host", None, True
+    backend, device = "host", None
 
     def __init__(self, streams: int) -> None:
         self.streams = [HostStream(f"aiopinned-load-{i}") for i in range(streams)]
@@ -50,12 +46,6 @@ class HostTarget:
 
     def copy(self, dest: Any, at: int, src: int, nbytes: int, stream: Any) -> None:
         stream.launch(ctypes.memmove, dest.ctypes.data + at, src, nbytes)
-
-    def pin(self, ptr: int, nbytes: int) -> None:
-        pass  # (ordinary memory: copies read it as it is)
-
-    def unpin(self, ptr: int) -> None:
-        pass
 
     def marker(self, stream: Any) -> Any:
         done = threading.Event()
@@ -101,13 +91,6 @@ class CudaTarget:
         with torch.cuda.device(self.device):
             self.streams = [torch.cuda.Stream() for _ in range(streams)]
         self._h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        attribute = rt.cudaDeviceAttr.cudaDevAttrHostRegisterReadOnlySupported
-        supported = check(
-            rt.cudaDeviceGetAttribute(attribute, self.device), "cudaDeviceGetAttribute"
-        )
-        #: whether page-cache pages can be registered read-only and copied from
-        self.can_pin = bool(supported)
-        self._read_only = rt.cudaHostRegisterReadOnly | rt.cudaHostRegisterPortable
 
     def check(self, entries: Sequence[Entry]) -> None:
         for entry in entries:
@@ -128,17 +111,6 @@ class CudaTarget:
                 ),
                 f"cudaMemcpyAsync({nbytes})",
             )
-
-    def pin(self, ptr: int, nbytes: int) -> None:
-        with self._torch.cuda.device(self.device):
-            self._check(
-                self._rt.cudaHostRegister(ptr, nbytes, self._read_only),
-                f"cudaHostRegister({nbytes} bytes of page cache, read-only)",
-            )
-
-    def unpin(self, ptr: int) -> None:
-        with self._torch.cuda.device(self.device):
-            self._check(self._rt.cudaHostUnregister(ptr), f"cudaHostUnregister({ptr:#x})")
 
     def marker(self, stream: Any) -> Any:
         event = self._torch.cuda.Event()
