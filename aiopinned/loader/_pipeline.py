@@ -14,7 +14,7 @@ from .._checks import as_callback, as_size
 from .._pool import PinnedPool
 from ._chunks import plan
 from ._format import Paths, checkpoint_files, read_header, select
-from ._reader import ALIGN, FileReader, ReadReport
+from ._reader import ALIGN, FileReader, ReadReport, check_direct
 from ._targets import make_target
 from ._window import run
 
@@ -68,8 +68,7 @@ async def stream_safetensors(
     """
     _check_options(max_bytes=max_bytes, chunk_bytes=chunk_bytes, threads=threads, streams=streams)
     as_callback(progress, "progress")
-    if direct not in ("auto", True, False):
-        raise ValueError(f"direct must be 'auto', True or False, not {direct!r}")
+    check_direct(direct)
     files = checkpoint_files(paths)
     headers = await anyio.to_thread.run_sync(lambda: [read_header(f) for f in files])
     chosen = select(headers, names)

@@ -55,12 +55,16 @@ class ReadReport:
         self.direct_refused = self.direct_refused or other.direct_refused
 
 
+def check_direct(direct: object) -> None:
+    if direct not in DIRECT_MODES:
+        raise ValueError(f"direct must be one of {DIRECT_MODES}, not {direct!r}")
+
+
 class FileReader:
     """One open file, read by range into memory the caller owns (any number of threads)."""
 
     def __init__(self, path: str | os.PathLike[str], direct: bool | str = "auto") -> None:
-        if direct not in DIRECT_MODES:
-            raise ValueError(f"direct must be one of {DIRECT_MODES}, not {direct!r}")
+        check_direct(direct)
         self.path, self.direct = os.fspath(path), direct
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._direct_fd: int | None = None

@@ -23,7 +23,17 @@ TORCH_DTYPES = {
 }  # fmt: skip
 
 
-class HostTarget:
+class _Target:
+    """What both targets share: copy streams, each synchronized at close."""
+
+    streams: Sequence[Any]  # (HostStream or torch.cuda.Stream: both have synchronize())
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.synchronize()
+
+
+class HostTarget(_Target):
     """NumPy arrays in ordinary memory; the pool's backend is ``host``."""
 
     backend, device = "host", None
@@ -67,12 +77,8 @@ class HostTarget:
         count = entry.nbytes // dtype.itemsize
         return np.frombuffer(dest, dtype, count, at).reshape(entry.shape)
 
-    def close(self) -> None:
-        for stream in self.streams:
-            stream.synchronize()
 
-
-class CudaTarget:
+class CudaTarget(_Target):
     """torch tensors on one CUDA device; the pool's backend is ``cuda`` on that device."""
 
     backend = "cuda"
@@ -132,10 +138,6 @@ class CudaTarget:
         if at % DTYPES[entry.dtype][0]:
             raw = raw.clone()  # (not aligned to its element: a storage of its own)
         return raw.view(dtype).view(entry.shape)
-
-    def close(self) -> None:
-        for stream in self.streams:
-            stream.synchronize()
 
 
 def make_target(device: Any, streams: int) -> HostTarget | CudaTarget:
