@@ -5,6 +5,7 @@
 ...         buf.numpy()[:] = 1
 """
 
+from ._bringup import Reserving
 from ._buffer import PinnedBuffer
 from ._cupy import set_cupy_pinned_allocator
 from ._pool import PinnedPool
@@ -32,6 +33,7 @@ __all__ = [
     "PoolClosed",
     "PoolStats",
     "ReadReport",
+    "Reserving",
     "WouldBlock",
     "load_safetensors",
     "set_cupy_pinned_allocator",

@@ -1,4 +1,5 @@
-"""Block: one pinned allocation, the seed's ``HostBlock``, and the seed's size rule."""
+"""Block: one pinned allocation, the seed's ``HostBlock``; Segment: one pinning carved into
+blocks; and the seed's size rule."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def pow2(n: int) -> int:
 
 
 class Block:
-    __slots__ = ("graphs", "home", "idle_since", "odd", "ptr", "size", "state", "streams")
+    __slots__ = ("graphs", "home", "idle_since", "odd", "ptr", "segment", "size", "state",
+                 "streams")  # fmt: skip
 
     def __init__(self, ptr: int, size: int, odd: bool = False) -> None:
         self.ptr = ptr
@@ -36,7 +38,37 @@ class Block:
         #: captured CUDA graphs that may still read it (``_graphs``): it is not reused before
         #: the last of them is gone
         self.graphs = 0
+        #: the segment it was carved from (``None``: a pinning of its own)
+        self.segment: Segment | None = None
 
     def __repr__(self) -> str:
         state = ("free", "allocated", "pending", "unpinned")[self.state]
         return f"<Block {self.ptr:#x} size={self.size} {state}>"
+
+
+class Segment(Block):
+    """One pinning (one mapping) carved into blocks that live in the cache like any other.
+
+    The segment itself is never handed out, idle or registered: it is what is unpinned, as one,
+    once every block carved from it is idle (``FREE``: in the free list) or, the pool closed,
+    retired (``UNPINNED``).  Its ``streams`` gather its retired blocks' streams, so that the
+    unpin waits for them all.
+    """
+
+    __slots__ = ("blocks",)
+
+    def __init__(self, ptr: int, sizes: list[int], odd: list[bool]) -> None:
+        super().__init__(ptr, sum(sizes))
+        self.blocks: list[Block] = []
+        at = ptr
+        for size, is_odd in zip(sizes, odd, strict=True):
+            block = Block(at, size, is_odd)
+            block.segment = self
+            self.blocks.append(block)
+            at += size
+
+    def all_in(self, state: int) -> bool:
+        return all(b.state == state for b in self.blocks)
+
+    def __repr__(self) -> str:
+        return f"<Segment {self.ptr:#x} size={self.size} of {len(self.blocks)} blocks>"

@@ -67,7 +67,7 @@ class BlockOwner(Protocol):
         """Loop thread: a buffer is done with ``block`` (freed, and no view is left)."""
         ...
 
-    def _orphaned(self, block: Block) -> None:
+    def _orphaned(self, block: Block) -> object:
         """Any thread, the loop gone: a buffer is done with ``block``."""
         ...
 

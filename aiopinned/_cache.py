@@ -4,12 +4,21 @@ reserved under the cap, kept consistent with each other.
 Every pinned block is in the registry from the moment it is pinned until it is taken out to be
 unpinned; an idle block is also in the free list.  Growth is planned here (the reservation made,
 the victims taken out of the free list and the registry at once) and settled here when the
-pinning thread is done.  No loop, no threads: the pool calls it on its loop thread.
+pinning thread is done.  No loop, no threads: the pool calls it on its loop thread (``retire``
+excepted: a pool whose loop is gone retires blocks from any thread).
+
+What is unpinned is a *unit*: a block pinned on its own, or a segment (``Segment``), once every
+block carved from it is idle; never a carved block alone (``units``).  A victim, or a block taken
+idle, may so be a segment: taking it out takes out all its blocks, and putting it back
+(``_restore``) puts them all back.
 """
 
 from __future__ import annotations
 
-from ._block import ALLOCATED, FREE, UNPINNED, Block
+import threading
+from collections.abc import Callable, Iterable, Iterator
+
+from ._block import ALLOCATED, FREE, PENDING, UNPINNED, Block, Segment
 from ._freelist import FreeList
 from ._registry import Registry
 from ._reservations import Plan, Reservations
@@ -34,11 +43,9 @@ class Cache:
         """Room to pin a block for ``size`` bytes (victims taken out), or ``None``; ``exact``
         pins exactly ``size`` (no rounding)."""
         free = self.free
-        plan = self.reservations.plan(size, free.nbytes, free.largest_first(), exact)
+        plan = self.reservations.plan(size, free.nbytes, units(free.largest_first()), exact)
         if plan is not None:
-            for block in plan.victims:
-                free.remove(block)
-                self.forget(block)
+            self.take_out(plan.victims)
         return plan
 
     def plan_after_unpinning_all(self, size: int) -> Plan:
@@ -48,11 +55,15 @@ class Cache:
         """
         return self.reservations.grant(Plan(size, self.take_idle()))
 
-    def settle_pinned(self, plan: Plan, ptr: int) -> Block:
-        """``plan``'s thread pinned a block at ``ptr``: it, registered."""
+    def settle_pinned(self, plan: Plan, ptr: int) -> list[Block]:
+        """``plan``'s thread pinned at ``ptr``: its block, or the blocks carved from it,
+        registered."""
         self.reservations.settle(plan, pinned=True)
-        odd = self.free.sizes.grow(plan.size) != plan.size
-        return self.register(Block(ptr, plan.size, odd))
+        grow = self.free.sizes.grow
+        if plan.carve:
+            segment = Segment(ptr, plan.carve, [grow(n) != n for n in plan.carve])
+            return self._restore([segment])
+        return [self.register(Block(ptr, plan.size, grow(plan.size) != plan.size))]
 
     def settle_failed(self, plan: Plan, still_pinned: list[Block] | None = None) -> list[Block]:
         """``plan``'s thread ran and pinned nothing.  Its victims are unpinned, but for
@@ -60,43 +71,94 @@ class Cache:
         caller to return to the free list, and stay counted."""
         still = still_pinned or []
         self.reservations.settle(plan, pinned=False, still_pinned=sum(b.size for b in still))
-        return [self.register(block) for block in still]
+        return self._restore(still)
 
-    def unpinned(self, blocks: list[Block], still_pinned: list[Block]) -> list[Block]:
-        """``blocks`` from ``take_idle`` were unpinned, but for ``still_pinned``: those are
+    def unpinned(self, units: list[Block], still_pinned: list[Block]) -> list[Block]:
+        """``units`` from ``take_idle`` were unpinned, but for ``still_pinned``: those are
         registered again and returned, and stay counted."""
-        self.reservations.unpinned(sum(b.size for b in blocks if b not in still_pinned))
-        return [self.register(block) for block in still_pinned]
+        self.reservations.unpinned(sum(u.size for u in units if u not in still_pinned))
+        return self._restore(still_pinned)
 
     def undo(self, plan: Plan) -> list[Block]:
         """``plan`` never ran: its victims, registered again, for the caller to return."""
         self.reservations.undo(plan)
-        return [self.register(block) for block in plan.victims]
+        return self._restore(plan.victims)
+
+    def _restore(self, units: list[Block]) -> list[Block]:
+        """Units out of the cache that stay pinned: their blocks, registered again, for the
+        caller to return to the free list."""
+        blocks = [b for u in units for b in (u.blocks if isinstance(u, Segment) else (u,))]
+        for unit in units:
+            unit.state = FREE
+        return [self.register(block) for block in blocks]
 
     def register(self, block: Block) -> Block:
+        """In the registry, on its way to its caller or the free list (``FREE`` means in the
+        free list: a segment is idle once all its blocks are)."""
         self.registry.add(block)
-        block.state = FREE
+        block.state = PENDING
         return block
 
     def forget(self, block: Block) -> None:
-        """Out of the registry: the block is on its way to being unpinned (still reserved).
-        A block already forgotten stays so."""
-        if block.state != UNPINNED:
+        """Out of the registry: the block (a segment: its blocks) is on its way to being
+        unpinned (still reserved).  A block already forgotten stays so."""
+        if isinstance(block, Segment):
+            for carved in block.blocks:
+                self.forget(carved)
+        elif block.state != UNPINNED:
             self.registry.remove(block)
-            block.state = UNPINNED
+        block.state = UNPINNED
 
-    def take_idle(self) -> list[Block]:
-        """Every idle block, out of the free list and the registry (still reserved)."""
-        victims = self.free.take_all()
-        for block in victims:
-            self.forget(block)
-        return victims
+    def take_out(self, units: list[Block]) -> None:
+        """Idle units (from ``units``) out of the free list and the registry, to be unpinned."""
+        free = self.free
+        for unit in units:
+            if isinstance(unit, Segment):
+                free.remove_many(unit.blocks)
+            else:
+                free.remove(unit)
+            self.forget(unit)
+
+    def take_idle(self, closing: bool = False) -> list[Block]:
+        """Every idle unit, out of the free list and the registry (still reserved).
+
+        A segment with blocks still out stays; its idle blocks stay idle, or, ``closing``, are
+        retired with it (the segment is unpinned once its last block is retired)."""
+        idle = self.free.take_all()
+        taken = list(units(idle))
+        for unit in taken:
+            self.forget(unit)
+        rest = [b for b in idle if b.state != UNPINNED]  # (of segments with blocks still out)
+        if closing:
+            for block in rest:
+                self.forget(block)
+        else:
+            self.free.add_many(rest)
+        return taken
+
+    def retire(self, block: Block) -> Block | None:
+        """The pool is closed (or its loop gone; any thread): ``block`` is done for good.  The
+        unit to unpin now: the block, or its segment once this was its last block, or None."""
+        self.forget(block)
+        segment = block.segment
+        if segment is None:
+            return block
+        with _RETIRING:
+            segment.streams |= block.streams
+            if segment.state == UNPINNED or not segment.all_in(UNPINNED):
+                return None
+            segment.state = UNPINNED
+        return segment
 
     def gauges(self) -> dict[str, int]:
         """What is pinned now, as :class:`~aiopinned.PoolStats` fields."""
-        r = self.reservations
-        active = [b.size for b in self.registry.blocks() if b.state == ALLOCATED]
+        r, blocks = self.reservations, self.registry.blocks()
+        active = [b.size for b in blocks if b.state == ALLOCATED]
+        segments = {b.segment for b in blocks if b.segment is not None}
+        stranded = [s for s in segments if not s.all_in(FREE)]
         return {
+            "segments": len(segments),
+            "stranded_bytes": sum(b.size for s in stranded for b in s.blocks if b.state == FREE),
             "active_bytes": sum(active),  # (counted here, so that the hit path counts nothing)
             "active_requests": len(active),
             "reserved_bytes": r.reserved,
@@ -111,3 +173,20 @@ class Cache:
         """The handed-out block that holds address ``ptr``, or ``None``."""
         block = self.registry.find(ptr)
         return block if block is not None and block.state == ALLOCATED else None
+
+
+_RETIRING = threading.Lock()  # (a segment's last retired block is found once, whatever thread)
+
+
+def units(idle: Iterable[Block], every: Callable[[Block], bool] | None = None) -> Iterator[Block]:
+    """``idle`` blocks as what can be unpinned, in their order: a block pinned on its own, or,
+    at its first carved block, a segment all of whose blocks are idle (and pass ``every``)."""
+    seen: set[Segment] = set()
+    for block in idle:
+        segment = block.segment
+        if segment is None:
+            yield block
+        elif segment not in seen:
+            seen.add(segment)
+            if segment.all_in(FREE) and (every is None or all(map(every, segment.blocks))):
+                yield segment

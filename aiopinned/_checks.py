@@ -33,6 +33,14 @@ def as_size(nbytes: object, what: str = "nbytes") -> int:
     return n
 
 
+def as_positive(nbytes: object, what: str) -> int:
+    """A byte count ``>= 1``."""
+    n = as_size(nbytes, what)
+    if n < 1:
+        raise ValueError(f"{what} must be >= 1, not {n}")
+    return n
+
+
 def as_seconds(value: object, what: str) -> float:
     """A non-negative number of seconds (``inf`` allowed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -127,6 +127,32 @@ class FreeList:
         same.append(block)  # now last: _pop takes exactly this one
         self._pop(same)
 
+    def remove_many(self, blocks: list[Block]) -> None:
+        """Remove ``blocks`` (all idle here): one pass over each size's list, not one per block
+        (a segment's blocks, thousands of one size)."""
+        gone: dict[int, set[int]] = {}
+        for block in blocks:
+            gone.setdefault(block.size, set()).add(id(block))
+        for size, ids in gone.items():
+            same = self.lists[size]
+            same[:] = [b for b in same if id(b) not in ids]  # (in place: homes and hits hold it)
+            self.nbytes -= size * len(ids)
+        self._count_odd(-sum(b.odd for b in blocks))
+
+    def add_many(self, blocks: list[Block]) -> None:
+        """``add`` for many blocks: each size's list sorted once."""
+        touched = set()
+        for block in blocks:
+            same = self._list(block.size)
+            if not block.odd:
+                block.home = same
+            same.append(block)
+            touched.add(block.size)
+            self.nbytes += block.size
+        for size in touched:
+            self.lists[size].sort(key=_neg_ptr)
+        self._count_odd(sum(b.odd for b in blocks))
+
     def take_all(self) -> list[Block]:
         blocks = [b for same in self.lists.values() for b in same]
         for size in list(self.lists):

@@ -19,7 +19,7 @@ the waiters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import anyio
@@ -33,6 +33,13 @@ from ._waiters import InFlight
 from .errors import PinnedMemoryError, PoolClosed
 
 CLOSED_MESSAGE = "the pool was closed while this call pinned"
+
+#: ``PinnedPool(segment_bytes=)``'s default: the most one pinning covers when ``reserve`` carves.
+#: Pinning costs about 50 ms per GiB with registration (DESIGN.md: 1 GiB 53 ms, 4 GiB 223 ms:
+#: linear, so larger segments save nothing per byte), so a 1 GiB segment is one short call: a
+#: cancelled reserve or a closing pool waits at most that long, a 100 GB tier is 100 calls, not
+#: 50,000, and trimming can still give back a tier in 1 GiB steps.
+SEGMENT_BYTES = 1 << 30
 
 
 class Growth:
@@ -53,14 +60,19 @@ class Growth:
         #: pinning threads running, their outcome not yet settled (a closing pool waits)
         self.pinning = InFlight()
 
-    async def grow(
-        self, pinning: Pinning, plan: Plan, deadline: float, miss: int = 1, retry: bool = True
-    ) -> Block:
-        """Run ``plan``; the block it pinned (registered, not yet handed out).  ``retry``: on
-        ``PinnedMemoryError``, unpin every idle block and try once more.
+    async def grow(self, pinning: Pinning, plan: Plan, deadline: float) -> Block:
+        """Run ``plan`` for one caller; the block it pinned (registered, not yet handed out).
+        On ``PinnedMemoryError``, unpin every idle block and try once more.
 
         Raises ``PoolClosed`` where the pool closed meanwhile (the block, if pinned, is cached
         for the close to unpin)."""
+        return (await self._run(pinning, plan, deadline))[0]
+
+    async def _run(
+        self, pinning: Pinning, plan: Plan, deadline: float, miss: int = 1, retry: bool = True
+    ) -> list[Block]:
+        """Run ``plan``: the blocks it pinned (one, or those carved from a segment), registered.
+        ``retry``: on ``PinnedMemoryError``, unpin every idle block and try once more."""
         self._counts.cache_misses += miss
         cache, retried = self._cache, not retry
         while True:
@@ -90,55 +102,78 @@ class Growth:
                 raise
             if scope.cancelled_caught:  # the block is adopted once it is pinned
                 raise TimeoutError(f"pinning {plan.size} bytes did not finish in time")
-            block = cache.settle_pinned(plan, ptr)
+            blocks = cache.settle_pinned(plan, ptr)
             if not self._is_open():  # (cached, for the closing pool to unpin with the rest)
-                self._give_back([block])
+                self._give_back(blocks)
                 self.pinning.finished()
                 raise PoolClosed(CLOSED_MESSAGE)
             self.pinning.finished()
-            return block
+            return blocks
 
     async def reserve(
         self,
         pinning: Pinning,
         total: int,
         block_bytes: int,
+        segment_bytes: int,
         progress: Callable[[int, int], object] | None,
     ) -> int:
-        """Pin ``total`` bytes into the cache in blocks of ``block_bytes`` (the last one the
-        remainder), one after another; the bytes pinned.
+        """Pin ``total`` bytes into the cache, one segment (one pinning) after another, each
+        carved into blocks of ``block_bytes`` (the last one the remainder); the bytes pinned.
 
-        Each block joins the free list as soon as it is pinned, so a cancelled reserve keeps
-        what it pinned (and a block in flight is adopted).  Stops early where the cap leaves no
-        room, and raises where the system refuses to pin more: it unpins no idle block for
-        either.  Raises ``PoolClosed`` once the pool is closing.
+        A segment holds as many whole blocks as fit in ``segment_bytes`` (one, where a block is
+        larger).  Its blocks join the free list as soon as it is pinned, so a cancelled reserve
+        keeps whole segments (and a segment in flight is adopted).  Where the cap leaves too
+        little room, pins the blocks that fit and stops; where the system refuses to pin more,
+        raises: it unpins no idle block for either.  Raises ``PoolClosed`` once the pool is
+        closing.
         """
         done = 0
-        while done < total:
+        for pieces in layout(total, block_bytes, segment_bytes):
             if not self._is_open():
                 raise PoolClosed(CLOSED_MESSAGE)
-            size = min(block_bytes, total - done)
-            if self._cache.reservations.room() < size:
+            room, asked = self._cache.reservations.room(), len(pieces)
+            while pieces and sum(pieces) > room:
+                pieces.pop()  # (the cap: the blocks that fit, then stop)
+            if not pieces:
                 break
+            size = sum(pieces)
             plan = self._cache.plan(size, exact=True)
             assert plan is not None and not plan.victims
+            plan.carve = pieces if len(pieces) > 1 else []
             try:
-                block = await self.grow(pinning, plan, math.inf, miss=0, retry=False)
+                blocks = await self._run(pinning, plan, math.inf, miss=0, retry=False)
             except PinnedMemoryError as exc:
                 raise PinnedMemoryError(
                     f"reserve pinned {done} of {total} bytes (kept in the cache), then: {exc}"
                 ) from exc
-            self._give_back([block])
-            done += block.size
+            self._give_back(blocks)
+            done += size
             if progress is not None:
                 progress(done, total)
+            if len(pieces) < asked:
+                break
         return done
 
     def _adopt(self, plan: Plan, ptr: int | None, error: BaseException | None) -> None:
         """Growth whose caller left: keep the block, or give back the reservation."""
         self.pinning.finished()
         if error is None and ptr is not None:
-            self._give_back([self._cache.settle_pinned(plan, ptr)])
+            self._give_back(self._cache.settle_pinned(plan, ptr))
             return
         still = error.blocks if isinstance(error, StillPinned) else None
         self._give_back(self._cache.settle_failed(plan, still))
+
+
+def layout(total: int, block_bytes: int, segment_bytes: int) -> Iterator[list[int]]:
+    """The block sizes of each segment that reserving ``total`` bytes pins: as many blocks of
+    ``block_bytes`` as fit in ``segment_bytes`` (at least one), the last block the remainder."""
+    per, done = max(1, segment_bytes // max(block_bytes, 1)), 0
+    while done < total:
+        count = min(per, (total - done) // block_bytes)
+        pieces = [block_bytes] * count
+        rest = total - done - count * block_bytes
+        if count < per and rest:  # (the last segment: the remainder is its last block)
+            pieces.append(rest)
+        done += sum(pieces)
+        yield pieces

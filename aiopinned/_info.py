@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends._hugepages import HUGETLB, hugetlb_pool, thp_setting
 from .backends._memory import default_threads
 from .backends._numa import node_of_pci as numa_node_of
 from .errors import CudaError
@@ -36,6 +37,9 @@ class Info:
     runtime_cuda: str | None = None
     versions: dict[str, str | None] = field(default_factory=dict)
     thp: str | None = None
+    thp_defrag: str | None = None
+    #: reserved huge pages by page size in bytes: [set aside, free] (None: unknown)
+    hugetlb: dict[int, list[int | None]] = field(default_factory=dict)
     memlock_bytes: int | None = None  # None: unlimited
     mem_total_bytes: int | None = None
     mem_available_bytes: int | None = None
@@ -55,15 +59,6 @@ def _version(dist: str) -> str | None:
 
 def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}"
-
-
-def thp_mode(sys_root: Path = Path("/sys")) -> str | None:
-    """The transparent-huge-page mode in force (``always``, ``madvise``, ``never``), or None."""
-    try:
-        text = (sys_root / "kernel" / "mm" / "transparent_hugepage" / "enabled").read_text()
-    except OSError:
-        return None
-    return next((w[1:-1] for w in text.split() if w.startswith("[")), None)
 
 
 def _meminfo(proc_root: Path = Path("/proc")) -> dict[str, int]:
@@ -112,7 +107,8 @@ def gather() -> Info:
     _cuda(info)
     info.versions = {d: _version(d) for d in ("aiopinned", "cuda-bindings", "torch", "cupy",
                                               "cupy-cuda12x", "cupy-cuda13x")}  # fmt: skip
-    info.thp = thp_mode()
+    info.thp, info.thp_defrag = thp_setting("enabled"), thp_setting("defrag")
+    info.hugetlb = {page: list(hugetlb_pool(page)) for page in HUGETLB.values()}
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     info.memlock_bytes = None if soft == resource.RLIM_INFINITY else soft
     mem = _meminfo()
@@ -137,6 +133,14 @@ def advise(info: Info) -> list[str]:
         out.append(
             "transparent huge pages are off: pinning by registration touches 4 KiB pages and "
             "runs several times slower (echo madvise > /sys/kernel/mm/transparent_hugepage/enabled)"
+        )
+    if info.thp in ("always", "madvise") and info.thp_defrag in ("always", "madvise"):
+        out.append(
+            f"transparent huge page defrag is '{info.thp_defrag}': faults in memory advised "
+            "huge pages compact memory first, and where it is fragmented pinning can slow to GB "
+            "per minute (pools then fall back to 4 KiB pages: PoolStats.huge_page_fallbacks); "
+            "echo defer+madvise > /sys/kernel/mm/transparent_hugepage/defrag, or reserve huge "
+            "pages and pass pinning='hugetlb'"
         )
     if info.backend == "cuda" and info.memlock_bytes is not None and info.memlock_bytes < 1 << 30:
         out.append(
@@ -163,7 +167,11 @@ def render(info: Info) -> str:
         lines.append(f"  cuda:{d.index} {d.name}  pci {d.pci_bus_id}  numa node {node}")
     lines.append(f"CUDA: driver {info.driver_cuda or 'none'}, runtime {info.runtime_cuda or '-'}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items() if v))
-    lines.append(f"transparent huge pages: {info.thp or 'unknown'}")
+    lines.append(f"transparent huge pages: {info.thp or 'unknown'}, "
+                 f"defrag {info.thp_defrag or 'unknown'}")  # fmt: skip
+    for page, (total, free) in info.hugetlb.items():
+        known = "unknown" if total is None else f"{total} set aside, {free} free"
+        lines.append(f"reserved huge pages of {page >> 20} MiB (pinning='hugetlb'): {known}")
     memlock = "unlimited" if info.memlock_bytes is None else f"{info.memlock_bytes} bytes"
     lines.append(f"RLIMIT_MEMLOCK: {memlock}")
     lines.append(f"memory: {size(info.mem_total_bytes)} total, "

@@ -34,7 +34,7 @@ __all__ = ["LoopGone", "LoopPort", "run_detached", "run_off_loop", "start_reaper
 class LoopPort:
     """The pool's event loop, seen from anywhere."""
 
-    __slots__ = ("_native", "_post", "_spawn", "call_soon", "is_current", "thread_id", "token")
+    __slots__ = ("_native", "_post", "call_soon", "is_current", "spawn", "thread_id", "token")
 
     def __init__(self) -> None:
         self.token = anyio.lowlevel.current_token()
@@ -49,7 +49,7 @@ class LoopPort:
                 tasks.add(task)  # (the loop holds tasks weakly)
                 task.add_done_callback(tasks.discard)
 
-            self._spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] = spawn
+            self.spawn: Callable[[Callable[[], Coroutine[Any, Any, None]]], None] = spawn
             self._post = native.call_soon_threadsafe
             #: schedule from the loop's own thread (no wake-up of the selector)
             self.call_soon: Callable[..., object] = native.call_soon
@@ -61,7 +61,7 @@ class LoopPort:
             def spawn_system_task(async_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
                 trio.lowlevel.spawn_system_task(async_fn)
 
-            self._spawn = spawn_system_task
+            self.spawn = spawn_system_task
             self._post = native.run_sync_soon
             self.call_soon = native.run_sync_soon
             current = trio.lowlevel.current_trio_token
@@ -102,7 +102,7 @@ class LoopPort:
 
         def start() -> None:
             if future.set_running_or_notify_cancel():
-                self._spawn(run)
+                self.spawn(run)
 
         def cancel_running() -> None:
             for scope in scopes:
@@ -160,7 +160,7 @@ class LoopPort:
                 await anyio.sleep(delay)
                 fn()
 
-        self._spawn(later)
+        self.spawn(later)
         return scope.cancel
 
     def alive(self) -> bool:

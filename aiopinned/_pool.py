@@ -16,11 +16,12 @@ import anyio
 
 from . import _checks as check
 from ._block import ALLOCATED, FREE, PENDING, Block
+from ._bringup import Reserves, Reserving
 from ._buffer import PinnedBuffer
 from ._cache import Cache
 from ._freelist import FreeList
 from ._graphs import GraphHolds
-from ._growth import Growth
+from ._growth import SEGMENT_BYTES, Growth
 from ._loopport import LoopGone
 from ._reservations import Plan
 from ._runtime import NOT_OPEN, NOT_OPEN_MESSAGE, Runtime, warn_late_free, warn_live
@@ -55,6 +56,7 @@ class PinnedPool:
         idle_timeout_s: unpin blocks idle for longer than this, off the loop (None: keep).
         numa_node: put new blocks on this NUMA node; ``"auto"``: the device's (None: the kernel's).
         device: the CUDA device the pool serves (None: the one current where it opens, else 0).
+        segment_bytes: the most one pinning covers when ``reserve`` carves blocks out of it.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class PinnedPool:
         idle_timeout_s: float | None = None,
         numa_node: int | str | None = None,
         device: int | None = None,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         self._state = _NEW  # (first: __del__ reads it even when a check below fails)
         how = check.as_pinning(pinning, pin_threads, numa_node, device)
@@ -78,6 +81,7 @@ class PinnedPool:
         self._max_bytes = check.as_max_bytes(max_bytes)
         self._spin_s = check.as_seconds(spin_s, "spin_s")
         self._scrub = check.as_flag(scrub, "scrub")
+        self._segment_bytes = check.as_positive(segment_bytes, "segment_bytes")
         #: the largest request: the cap, else this machine's memory (pinned memory is resident)
         self._cap = check.physical_memory() if self._max_bytes is None else self._max_bytes
         self._rt: Runtime = NOT_OPEN
@@ -94,6 +98,7 @@ class PinnedPool:
         self._waiters = self._lot.queue  # the hot paths' "is anybody queued?"
         self._growth = Growth(self._cache, self._counts, self._return_blocks, self._open_now)
         self._graphs = GraphHolds(self._graph_done)
+        self._reserves = Reserves()
 
     async def open(self) -> PinnedPool:
         """Start the pool on the running loop (``async with`` does this)."""
@@ -122,13 +127,14 @@ class PinnedPool:
         self._check_loop()
         rt, self._state, self._hit_thread = self._rt, _CLOSING, -1
         self._trim.stop()
+        self._reserves.close(PoolClosed("the pool was closed while this reserve pinned"))
         self._lot.close(PoolClosed("the pool was closed while this call waited for a block"))
         try:
             busy = (rt.watcher.pending, self._growth.pinning, rt.pinning.background)
             while any(b.count for b in busy):  # (one ending may start another: wait for all)
                 for b in busy:
                     await b.wait_idle()  # copies, pins (adopted if their caller left), scrubs
-            victims = self._cache.take_idle()
+            victims = self._cache.take_idle(closing=True)
             self._state, self._back = _CLOSED, None
             warn_live(self, self._cache.registry.blocks())
             await self._unpin_idle(victims)
@@ -191,17 +197,40 @@ class PinnedPool:
         block_bytes: int | None = None,
         progress: Callable[[int, int], object] | None = None,
     ) -> int:
-        """Pin ``nbytes`` into the cache before traffic comes, in blocks of ``block_bytes``
-        (default one), off the loop, under the cap; ``progress(done, total)`` runs on the loop
-        after each block; a cancel keeps what is pinned.  Returns the bytes pinned: less than
-        ``nbytes`` where the cap is full (no idle block is unpinned for it).
+        """Pin ``nbytes`` into the cache before traffic comes, as blocks of exactly
+        ``block_bytes`` (default one block; the last one the remainder) carved from segments of
+        up to ``segment_bytes``, one pinning each, off the loop, under the cap.
+        ``progress(done, total)`` runs on the loop after each segment; a cancel keeps the whole
+        segments pinned so far.  Returns the bytes pinned: less than ``nbytes`` where the cap
+        is full (no idle block is unpinned for it).
 
         Raises ``PinnedMemoryError`` where the system refuses to pin more (what was pinned is
         kept), and ``PoolClosed`` where the pool closed meanwhile."""
+        return await self._reserving(nbytes, block_bytes, progress).run()
+
+    def start_reserve(
+        self,
+        nbytes: int,
+        *,
+        block_bytes: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> Reserving:
+        """``reserve`` in the background, for bringing a tier up while serving: returns at
+        once a :class:`Reserving` (``done_bytes``, ``done()``, ``await``-able, ``cancel()``);
+        ``stats()`` counts it until it ends, and closing the pool cancels it."""
+        job = self._reserving(nbytes, block_bytes, progress)
+        self._rt.port.spawn(job.run_detached)
+        return job
+
+    def _reserving(
+        self, nbytes: object, block_bytes: object, progress: Callable[[int, int], object] | None
+    ) -> Reserving:
         total, block = check.as_reserve(nbytes, block_bytes, self._cap, self._max_bytes is None)
         check.as_callback(progress, "progress")
         self._check_request(0)
-        return await self._growth.reserve(self._rt.pinning, total, block, progress)
+        segment = min(self._segment_bytes, self._rt.register_chunk_bytes())  # (no block across)
+        run = partial(self._growth.reserve, self._rt.pinning, total, block, segment)
+        return self._reserves.track(Reserving(total, run, progress))
 
     def allocate_nowait(self, nbytes: int) -> PinnedBuffer:
         """A cached block at once, or :class:`WouldBlock` wherever ``allocate`` would wait, and
@@ -355,9 +384,9 @@ class PinnedPool:
         return taken_on_loop(self._rt.port, self._snapshot, wait)
 
     def _snapshot(self) -> PoolStats:
-        pending = 0 if self._rt is NOT_OPEN else len(self._rt.watcher)
         return self._counts.snapshot(backend=self.backend, max_bytes=self._max_bytes,
-            pending_events=pending, waiters=len(self._lot), **self._cache.gauges())  # fmt: skip
+            waiters=len(self._lot), **self._rt.gauges(), **self._cache.gauges(),
+            **self._reserves.gauges())  # fmt: skip
 
     def __repr__(self) -> str:
         s, state = self._snapshot(), ("new", "open", "closing", "closed")[self._state]
@@ -369,7 +398,7 @@ class PinnedPool:
     def __del__(self) -> None:
         if self._state == _OPEN and self._rt is not NOT_OPEN:
             with contextlib.suppress(Exception):  # (at interpreter exit, warnings may be gone)
-                self._rt.abandon(repr(self), self, self._cache.take_idle())
+                self._rt.abandon(repr(self), self, self._cache.take_idle(closing=True))
 
     def _check_request(self, nbytes: object) -> int:
         size = nbytes if type(nbytes) is int and nbytes >= 0 else check.as_size(nbytes)
@@ -417,7 +446,16 @@ class PinnedPool:
 
     def _serve(self) -> None:
         """Idle blocks, or room to grow, to waiters in FIFO order (the lot is open-only)."""
-        self._lot.serve(lambda size: self._free.take(size) or self._cache.plan(size))
+        self._lot.serve(self._grant)
+
+    def _grant(self, size: int) -> Block | Plan | None:
+        """For the head waiter: an idle block (no longer idle: a segment with a block granted
+        is not unpinned), else room to grow."""
+        block = self._free.take(size)
+        if block is None:
+            return self._cache.plan(size)
+        block.state = ALLOCATED
+        return block
 
     def _return_blocks(self, blocks: list[Block]) -> None:
         for block in blocks:
@@ -457,8 +495,9 @@ class PinnedPool:
     def _return_block(self, block: Block) -> None:
         """An idle block: to the free list (and on to the first waiter); closed, unpinned."""
         if self._state == _CLOSED:
-            self._cache.reservations.unpinned(block.size)
-            self._orphaned(block)
+            unit = self._orphaned(block)
+            if unit is not None:
+                self._cache.reservations.unpinned(unit.size)
             return
         block.state = FREE
         self._free.add(block)
@@ -475,13 +514,15 @@ class PinnedPool:
         else:
             self._take_back(block)
 
-    def _orphaned(self, block: Block) -> None:
+    def _orphaned(self, block: Block) -> Block | None:
         """Closed, or the loop gone (any thread, finalizers too): unpin once the block's streams
         are done, in the reaper thread; at interpreter exit, left to the process's end.  A block
-        that a graph holds stays pinned (its release can no longer reach the loop)."""
-        self._cache.forget(block)
-        if not block.graphs:
-            self._rt.pinning.unpin_after_streams(block)
+        that a graph holds stays pinned (its release can no longer reach the loop); a carved
+        block goes with the last of its segment.  What is unpinned (``None``: nothing yet)."""
+        unit = self._cache.retire(block)
+        if unit is not None and not block.graphs:
+            self._rt.pinning.unpin_after_streams(unit)
+        return unit
 
     def _record(self, block: Block | None, stream: object) -> bool:
         key = self._rt.backend.normalize_stream(stream)

@@ -21,15 +21,17 @@ from ._block import Block, pow2
 
 
 class Plan:
-    """Growth granted to one caller: unpin ``victims``, then pin ``size`` bytes.
+    """Growth granted to one caller: unpin ``victims``, then pin ``size`` bytes (as one block,
+    or as a segment carved into blocks of the sizes in ``carve``).
 
     ``charge`` is what making the plan added to ``reserved``: ``size - freed`` where positive.
     """
 
-    __slots__ = ("charge", "freed", "size", "victims")
+    __slots__ = ("carve", "charge", "freed", "size", "victims")
 
-    def __init__(self, size: int, victims: list[Block]) -> None:
+    def __init__(self, size: int, victims: list[Block], carve: list[int] | None = None) -> None:
         self.size = size
+        self.carve = carve or []
         self.victims = victims
         self.freed = sum(b.size for b in victims)
         self.charge = max(size - self.freed, 0)
@@ -62,7 +64,8 @@ class Reservations:
         The block is ``grow(size)`` (its size class) unless that does not fit under the cap, then
         exactly ``size``.  Where the cap is in the way, idle blocks (``idle``, largest first,
         ``idle_bytes`` in all) become victims until there is room; the caller takes them out of
-        the cache.
+        the cache.  (``idle`` may yield fewer bytes than ``idle_bytes``: a segment's idle blocks
+        count there, but the segment is a victim only once all of its blocks are idle.)
         """
         want = size if exact else self.grow(size)
         victims: list[Block] = []
@@ -76,6 +79,8 @@ class Reservations:
                     room += block.size
                     if room >= size:
                         break
+                else:  # (a segment not wholly idle: fewer unpinnable bytes than idle_bytes)
+                    return None
             if want > room:
                 want = size
         return self.grant(Plan(want, victims))

@@ -65,6 +65,16 @@ class Runtime:
         for block in idle:
             self.pinning.unpin_after_streams(block)
 
+    def gauges(self) -> dict[str, int]:
+        """What the runtime knows now, as :class:`~aiopinned.PoolStats` fields."""
+        pages = getattr(self.backend, "huge_pages", None)
+        return {"pending_events": len(self.watcher),
+                "huge_page_fallbacks": getattr(pages, "fallbacks", 0)}  # fmt: skip
+
+    def register_chunk_bytes(self) -> int:
+        """The most one registration covers (a custom backend that says nothing: no bound)."""
+        return int(getattr(self.backend, "register_chunk_bytes", None) or 1 << 80)
+
     def close(self) -> None:
         """Let the watcher's idle threads go, and close the backend."""
         self.watcher.stop()
@@ -99,6 +109,9 @@ class _NotOpen:
     """Stands in for the runtime of a pool that is not open: every use raises."""
 
     __slots__ = ()
+
+    def gauges(self) -> dict[str, int]:
+        return {"pending_events": 0, "huge_page_fallbacks": 0}
 
     def __getattr__(self, name: str) -> NoReturn:
         raise RuntimeError(NOT_OPEN_MESSAGE)

@@ -39,6 +39,16 @@ class PoolStats:
     cached_bytes: int
     #: idle bytes unpinned by trimming (``max_idle_bytes``, ``idle_timeout_s``), in all
     trimmed_bytes: int
+    #: segments pinned (``reserve`` carves each into blocks)
+    segments: int
+    #: idle bytes that cannot be unpinned yet: blocks of segments with other blocks still out
+    stranded_bytes: int
+    #: times faulting in transparent huge pages collapsed and pinning fell back to 4 KiB pages
+    huge_page_fallbacks: int
+    #: reserves still running (``reserve``, ``start_reserve``): the bytes they were asked for,
+    #: and those pinned so far (both 0 once every reserve has ended: the tier is up)
+    reserve_target_bytes: int
+    reserve_done_bytes: int
     #: events recorded on streams that have not been seen to complete
     pending_events: int
     #: callers awaiting a block

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ._block import Block
-from ._cache import Cache
+from ._cache import Cache, units
 from ._loopport import LoopPort
 from ._pinning import Pinning
 
@@ -68,7 +68,7 @@ class Trim:
 
     def returned(self, block: Block) -> None:
         """Loop thread: ``block`` has just joined the free list."""
-        if block not in self._failed:  # (a failed one keeps its age: it is still the oldest)
+        if (block.segment or block) not in self._failed:  # (a failed one keeps its age)
             block.idle_since = time.monotonic()
         self._bound()
 
@@ -77,17 +77,18 @@ class Trim:
         free = self._cache.free
         if self.on and self.max_idle_bytes is not None and free.nbytes > self.max_idle_bytes:
             over, victims = free.nbytes - self.max_idle_bytes, []
-            for idle in sorted(self._tryable(), key=lambda b: b.idle_since):
+            for unit in units(sorted(self._tryable(), key=lambda b: b.idle_since)):
                 if over <= 0:
                     break
-                victims.append(idle)
-                over -= idle.size
+                victims.append(unit)
+                over -= unit.size
             self._unpin(victims)
 
     def _tick(self) -> None:
         assert self.idle_s is not None
         old = time.monotonic() - self.idle_s
-        self._unpin([b for b in self._tryable() if b.idle_since <= old])
+        aged = [b for b in self._tryable() if b.idle_since <= old]
+        self._unpin(list(units(aged, every=lambda b: b.idle_since <= old)))
         self._cancel = self._port.call_later(self.idle_s / 2, self._tick)
 
     def _retry(self, block: Block) -> None:
@@ -97,18 +98,18 @@ class Trim:
             self._bound()
 
     def _tryable(self) -> list[Block]:
-        """The idle blocks, but for those whose failed unpin is not to be tried again yet."""
+        """The idle blocks, but for those whose failed unpin (a carved block: its segment's) is
+        not to be tried again yet."""
         blocks, failed = self._cache.free.blocks(), self._failed
         if not failed:
             return blocks
         now = time.monotonic()
-        return [b for b in blocks if b not in failed or failed[b][0] <= now]
+        return [b for b in blocks if failed.get(b.segment or b, (0.0,))[0] <= now]
 
     def _unpin(self, victims: list[Block]) -> None:
+        """Unpin idle units (blocks, or wholly idle segments) in a thread."""
         if victims:
-            for block in victims:
-                self._cache.free.remove(block)
-                self._cache.forget(block)
+            self._cache.take_out(victims)
             self._pinning.unpin_soon(victims, then=lambda still: self._settled(victims, still))
 
     def _settled(self, victims: list[Block], still: list[Block]) -> None:

@@ -62,6 +62,10 @@ GAUGES: tuple[tuple[str, str, Read], ...] = (
     ("aiopinned_waiters", "Callers waiting for a block.", lambda s: s.waiters),
     ("aiopinned_max_bytes", "The pool's cap on pinned bytes (0: none).",
      lambda s: s.max_bytes or 0),
+    ("aiopinned_reserve_target_bytes", "Bytes that reserves still running were asked for.",
+     lambda s: s.reserve_target_bytes),
+    ("aiopinned_reserve_done_bytes", "Bytes that reserves still running have pinned so far.",
+     lambda s: s.reserve_done_bytes),
 )  # fmt: skip
 #: counter name (without ``_total``), help, and how to read it
 COUNTERS: tuple[tuple[str, str, Read], ...] = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiopinned._block import ALLOCATED, FREE, UNPINNED, Block
+from aiopinned._block import ALLOCATED, PENDING, UNPINNED, Block
 from aiopinned._cache import Cache
 
 KB = 1024
@@ -12,7 +12,7 @@ def cached(cache: Cache, ptr: int, size: int) -> Block:
     """A block as a settled growth leaves it, then returned to the free list."""
     plan = cache.plan(size)
     assert plan is not None
-    block = cache.settle_pinned(plan, ptr)
+    (block,) = cache.settle_pinned(plan, ptr)
     cache.free.add(block)
     return block
 
@@ -21,12 +21,13 @@ def test_settled_growth_is_registered_and_reserved() -> None:
     cache = Cache(None)
     plan = cache.plan(3000)
     assert plan is not None
-    block = cache.settle_pinned(plan, 0x10000)
-    assert (block.size, block.state, block in cache.registry) == (4096, FREE, True)
+    (block,) = cache.settle_pinned(plan, 0x10000)
+    assert (block.size, block.state, block in cache.registry) == (4096, PENDING, True)
     assert cache.gauges() == {"reserved_bytes": 4096, "peak_reserved_bytes": 4096,
                               "free_blocks": 0, "free_bytes": 0, "cached_bytes": 0,
                               "trimmed_bytes": 0, "active_bytes": 0,
-                              "active_requests": 0}  # fmt: skip
+                              "active_requests": 0, "segments": 0,
+                              "stranded_bytes": 0}  # fmt: skip
     block.state = ALLOCATED  # (as a hand-out leaves it)
     assert (cache.gauges()["active_bytes"], cache.gauges()["active_requests"]) == (4096, 1)
 
@@ -50,7 +51,7 @@ def test_undo_registers_the_victims_again() -> None:
     plan = cache.plan(20 * KB)
     assert plan is not None and plan.victims == [block]
     back = cache.undo(plan)
-    assert back == [block] and block in cache.registry and block.state == FREE
+    assert back == [block] and block in cache.registry and block.state == PENDING
     assert cache.reservations.reserved == 32 * KB
 
 

@@ -80,7 +80,7 @@ async def test_an_out_of_memory_retry_hands_no_buffer_out_of_a_closing_pool(
 async def test_out_of_memory_during_reserve_unpins_no_idle_block(
     recording: RecordingBackend,
 ) -> None:
-    async with PinnedPool(recording) as pool:
+    async with PinnedPool(recording, segment_bytes=64 * KB) as pool:  # (a pin per block)
         (await pool.allocate(128 * KB)).free()  # the server's cached block
         pins = iter(range(100))
         recording.fail_if = lambda size: next(pins) >= 2  # the third of reserve's pins fails

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from aiopinned._info import Device, Info, advise, numa_node_of, render, thp_mode
+from aiopinned._info import Device, Info, advise, numa_node_of, render
+from aiopinned.backends._hugepages import thp_setting
 
 
-def fake_sys(tmp_path: Path, bus: str, node: str | None, thp: str | None) -> Path:
+def fake_sys(tmp_path: Path, bus: str, node: str | None, thp: str | None,
+             defrag: str | None = None) -> Path:  # fmt: skip
     if node is not None:
         dev = tmp_path / "bus" / "pci" / "devices" / bus
         dev.mkdir(parents=True)
@@ -21,6 +23,8 @@ def fake_sys(tmp_path: Path, bus: str, node: str | None, thp: str | None) -> Pat
         mm = tmp_path / "kernel" / "mm" / "transparent_hugepage"
         mm.mkdir(parents=True)
         (mm / "enabled").write_text(thp + "\n")
+        if defrag is not None:
+            (mm / "defrag").write_text(defrag + "\n")
     return tmp_path
 
 
@@ -40,12 +44,15 @@ def test_the_numa_node_of_a_device_comes_from_sysfs(
 def test_the_huge_page_mode_is_the_bracketed_word(
     tmp_path: Path, text: str | None, mode: str | None
 ) -> None:
-    assert thp_mode(fake_sys(tmp_path, "x", None, text)) == mode
+    root = fake_sys(tmp_path, "x", None, text, "always defer defer+madvise [madvise] never")
+    assert thp_setting("enabled", root) == mode
+    assert thp_setting("defrag", root) == (None if text is None else "madvise")
 
 
 def info(**kw: object) -> Info:
     base = Info(backend="cuda", why="a CUDA device is usable", driver_cuda="13.0",
-                versions={"cuda-bindings": "13.1.0"}, thp="madvise", memlock_bytes=None,
+                versions={"cuda-bindings": "13.1.0"}, thp="madvise", thp_defrag="defer+madvise",
+                memlock_bytes=None,
                 devices=[Device(0, "H200", "0000:3b:00.0", 0)])  # fmt: skip
     for k, v in kw.items():
         setattr(base, k, v)
@@ -58,6 +65,9 @@ def info(**kw: object) -> Info:
      ({"driver_cuda": "12.4"}, "install 'aiopinned[cu12]'"),
      ({"driver_cuda": None}, "no NVIDIA driver"),
      ({"thp": "never"}, "transparent huge pages are off"),
+     ({"thp_defrag": "madvise"}, "echo defer+madvise"),
+     ({"thp_defrag": "always"}, "pinning='hugetlb'"),
+     ({"thp": "never", "thp_defrag": "madvise"}, "transparent huge pages are off"),
      ({"memlock_bytes": 64 << 20}, "ulimit -l"),
      ({"devices": [Device(0, "H200", "0000:3b:00.0", None)]}, "no NUMA node")],
 )  # fmt: skip
@@ -72,6 +82,13 @@ def test_render_shows_devices_and_warnings() -> None:
     text = render(found)
     assert "cuda:0 H200  pci 0000:3b:00.0  numa node 0" in text
     assert "warning: transparent huge pages are off" in text
+    assert "transparent huge pages: never, defrag defer+madvise" in text
+
+
+def test_render_shows_reserved_huge_pages() -> None:
+    text = render(info(hugetlb={2 << 20: [8, 3], 1 << 30: [None, None]}))
+    assert "reserved huge pages of 2 MiB (pinning='hugetlb'): 8 set aside, 3 free" in text
+    assert "reserved huge pages of 1024 MiB (pinning='hugetlb'): unknown" in text
 
 
 def test_the_command_line_prints_text_and_json() -> None:

@@ -1,4 +1,5 @@
-"""Storms on asyncio, uvloop and trio: ``free()`` from 8 threads while the loop allocates,
+"""Storms on asyncio, uvloop and trio, with and without a reserved tier (segments carved into
+blocks): ``free()`` from 8 threads while the loop allocates,
 ``allocate_blocking`` from threads, and random timeouts and cancellations under a tight cap, all
 at once.  Afterwards nothing is active, nobody waits, the cap held, and the whole cap can be
 allocated again.  ``AIOPINNED_STORM_OPS`` sets the operations per storm (10^5 by default)."""
@@ -23,12 +24,15 @@ SIZES = [100, KB, 3 * KB, 4 * KB, 10 * KB, 16 * KB]
 OPS = int(os.environ.get("AIOPINNED_STORM_OPS", "100000"))
 
 
-async def test_storm(anyio_backend: tuple[str, dict[str, bool]]) -> None:
+@pytest.mark.parametrize("tier", [False, True], ids=["blocks", "tier"])
+async def test_storm(anyio_backend: tuple[str, dict[str, bool]], tier: bool) -> None:
     rng = random.Random(7)
     ops = dict.fromkeys(["loop allocs", "thread frees", "blocking", "tries", "frees", "timeouts",
                          "cancelled"], 0)  # fmt: skip
     share = OPS // 4  # each op below counts an allocation and its free as two
-    async with PinnedPool("host", max_bytes=CAP) as pool:
+    async with PinnedPool("host", max_bytes=CAP, segment_bytes=16 * KB) as pool:
+        if tier:  # half the cap reserved first: segments carved into 4 KiB blocks
+            assert await pool.reserve(CAP // 2, block_bytes=4 * KB) == CAP // 2
         freers = [queue.SimpleQueue[PinnedBuffer | None]() for _ in range(8)]
 
         def free_in_thread(q: queue.SimpleQueue[PinnedBuffer | None]) -> None:

@@ -29,7 +29,7 @@ def make_backend(
     if not isinstance(spec, str):
         return spec
     if spec == "host":
-        return HostBackend(threads, numa_node, device)
+        return HostBackend(threads, numa_node, device, pinning=pinning)
     from ._cudart import cuda_unusable_reason
     from .cuda import CudaBackend
 
@@ -40,7 +40,7 @@ def make_backend(
         log.info("aiopinned: auto backend chose cuda")
         return CudaBackend(pinning, threads, numa_node, device)
     log.info("aiopinned: auto backend chose host (CUDA not usable: %s)", reason)
-    return HostBackend(threads, numa_node, device)
+    return HostBackend(threads, numa_node, device, pinning=pinning)
 
 
 def device_reader(spec: str | Backend) -> Callable[[], int | None] | None:

@@ -6,6 +6,7 @@ never imports CUDA.
 from __future__ import annotations
 
 import contextlib
+import resource
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,3 +144,20 @@ def relaxed_capture() -> Iterator[None]:
         yield
     finally:
         check(exchange(previous), call)
+
+
+def register_chunk(ptr: int, size: int) -> None:
+    """``cudaHostRegister`` one chunk of a mapping (portable: any device copies from it)."""
+    (err,) = rt.cudaHostRegister(ptr, size, rt.cudaHostRegisterPortable)
+    if err != rt.cudaError_t.cudaSuccess:
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+        raise PinnedMemoryError(
+            f"cudaHostRegister({size}) failed: {error_text(err)}; page-locked memory is "
+            f"limited by RLIMIT_MEMLOCK (now {limit}: raise 'ulimit -l'), or pass "
+            "pinning='alloc'"
+        )
+
+
+def unregister_chunk(ptr: int) -> None:
+    check(rt.cudaHostUnregister(ptr), f"cudaHostUnregister({ptr:#x})")

@@ -1,5 +1,6 @@
-"""Host memory mapped for pinning: anonymous ``mmap``, huge pages where the kernel allows, and the
-first touch of its pages spread over threads.
+"""Host memory mapped for pinning: anonymous ``mmap``, huge pages where the kernel allows (or
+reserved ones: ``_hugepages``), the first touch of its pages spread over threads, and
+registration in chunks.
 
 Measured on the H200 host (DESIGN.md): ``mmap`` + ``MADV_HUGEPAGE`` + touching one byte per huge
 page from 16 threads + ``cudaHostRegister`` pins 1 GiB in about 40 ms, against 360-570 ms for
@@ -17,13 +18,20 @@ import os
 import platform
 import re
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import PinnedMemoryError
+from . import _hugepages
+from ._hugepages import HUGETLB, HugePages, hugetlb_error, hugetlb_flags
 
 #: how a backend pins a new block (``PinnedPool(pinning=...)``)
-PINNING_MODES = ("auto", "register", "alloc")
+PINNING_MODES = ("auto", "register", "alloc", *HUGETLB)
 HUGE_PAGE = 2 << 20
+#: the most one registration covers: one ``cudaHostRegister`` of 512 GiB or more fails (vLLM
+#: PR #51081, which then registers 64 GiB at a time); a mapping past it is registered in chunks
+REGISTER_CHUNK_BYTES = 64 << 30
 #: below this, one thread touches the pages (starting threads would cost more than they save)
 PARALLEL_TOUCH_BYTES = 64 << 20
 _RESIDENT = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte says resident
@@ -47,17 +55,30 @@ def default_threads() -> int:
 
 
 class Mapped:
-    """One anonymous mapping, its address, and its size."""
+    """One anonymous mapping, its address, its size, and the chunks registered over it.
 
-    __slots__ = ("map", "ptr", "size")
+    ``pages``: the backend's transparent-huge-page state (advised while it says so); ``mode``:
+    ``"hugetlb"``/``"hugetlb-1g"`` map reserved huge pages instead (the mapping is whole pages,
+    ``size`` the bytes asked for)."""
 
-    def __init__(self, size: int, threads: int, numa_node: int | None = None) -> None:
+    __slots__ = ("chunks", "map", "ptr", "size")
+
+    def __init__(self, size: int, threads: int, numa_node: int | None = None,
+                 pages: HugePages | None = None, mode: str = "auto") -> None:  # fmt: skip
+        page = HUGETLB.get(mode, 0)
+        length = -(-size // page) * page if page else size
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (hugetlb_flags(page) if page else 0)
         try:
-            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.map = mmap.mmap(-1, length, flags=flags)
         except (OSError, OverflowError, ValueError) as exc:
+            if page and isinstance(exc, OSError):
+                raise hugetlb_error(size, page, exc) from exc
             raise PinnedMemoryError(f"could not map {size} bytes of host memory: {exc}") from exc
+        #: the addresses registered (``register``), each up to ``REGISTER_CHUNK_BYTES``
+        self.chunks: list[int] = []
         huge = False
-        if size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        advise = pages is None or pages.advise
+        if not page and advise and size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
             with contextlib.suppress(OSError):  # THP off: 4 KiB pages, slower to touch
                 self.map.madvise(mmap.MADV_HUGEPAGE)
                 huge = True
@@ -71,7 +92,42 @@ class Mapped:
             except PinnedMemoryError:
                 self.map.close()
                 raise
-        fault_in(self.ptr, size, threads, huge=huge)
+        if page:  # (reserved pages: one byte each faults the whole page in, never compacts)
+            _spread([(a, 1) for a in range(self.ptr, self.ptr + size, page)], threads)
+        else:
+            fault_in(self.ptr, size, threads, huge=huge, pages=pages, no_huge=self._no_huge)
+
+    def _no_huge(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self.map.madvise(mmap.MADV_NOHUGEPAGE)
+
+    def register(self, register: Callable[[int, int], None], unregister: Callable[[int], None],
+                 chunk: int = REGISTER_CHUNK_BYTES) -> None:  # fmt: skip
+        """``register(ptr, n)`` over the mapping in chunks of at most ``chunk`` bytes (whole
+        pages); where one fails, those before are unregistered and its error raised."""
+        step = max(mmap.PAGESIZE, chunk // mmap.PAGESIZE * mmap.PAGESIZE)
+        try:
+            for at in range(self.ptr, self.ptr + self.size, step):
+                register(at, min(step, self.ptr + self.size - at))
+                self.chunks.append(at)
+        except BaseException:
+            self.unregister(unregister)
+            raise
+
+    def unregister(self, unregister: Callable[[int], None]) -> None:
+        """``unregister(ptr)`` each chunk registered (the first failure raised once all are
+        tried; the failed ones stay listed)."""
+        failed: list[int] = []
+        error: BaseException | None = None
+        for at in self.chunks:
+            try:
+                unregister(at)
+            except Exception as exc:
+                failed.append(at)
+                error = error or exc
+        self.chunks = failed
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         self.map.close()
@@ -91,7 +147,8 @@ def place(ptr: int, size: int, node: int) -> None:
         raise PinnedMemoryError(f"could not place memory on NUMA node {node}: {os.strerror(err)}")
 
 
-def fault_in(ptr: int, size: int, threads: int, *, huge: bool) -> None:
+def fault_in(ptr: int, size: int, threads: int, *, huge: bool, pages: HugePages | None = None,
+             no_huge: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Fault every page of ``[ptr, ptr + size)`` in (it reads as zeros), over ``threads`` threads.
 
     Where huge pages were advised, writing one byte per huge page is enough: the kernel zeroes
@@ -99,15 +156,25 @@ def fault_in(ptr: int, size: int, threads: int, *, huge: bool) -> None:
     27 ms for writing every byte, 16 threads, H200 host).  Wherever the kernel gave small pages
     instead (THP off or memory fragmented), ``mincore`` finds the pages still missing, and those
     are written in full.  (Tried and dropped: ``madvise(MADV_POPULATE_WRITE)``, 134-160 ms.)
+
+    With ``pages``, the threads time their faults (``_hugepages``): where huge pages collapse,
+    they stop, ``no_huge()`` advises the mapping back to small pages, and the rest is written
+    as 4 KiB pages.
     """
     if not huge or _mincore is None:
         _spread(_pieces([(ptr, size)]), threads if size >= PARALLEL_TOUCH_BYTES else 1)
         return
     first_huge = -(-(ptr + 1) // HUGE_PAGE) * HUGE_PAGE
+    watch = None if pages is None else (pages, threading.Event())
     _spread(
         [(ptr, 1)] + [(a, 1) for a in range(first_huge, ptr + size, HUGE_PAGE)],
         threads if size >= PARALLEL_TOUCH_BYTES else 1,
+        watch,
     )
+    if watch is not None and watch[1].is_set():  # collapsed: the rest in small pages
+        watch[0].fall_back(size)
+        if no_huge is not None:
+            no_huge()
     missing = not_resident(ptr, size)
     if missing:
         big = sum(n for _, n in missing) >= PARALLEL_TOUCH_BYTES
@@ -141,15 +208,19 @@ def _pieces(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _spread(jobs: list[tuple[int, int]], threads: int) -> None:
+Watch = tuple[HugePages, threading.Event]
+
+
+def _spread(jobs: list[tuple[int, int]], threads: int, watch: Watch | None = None) -> None:
     """Write zeros over each ``(address, length)``; ``threads`` threads take equal runs of jobs.
-    ``ctypes.memset`` releases the GIL, so the threads fault pages in parallel."""
+    ``ctypes.memset`` releases the GIL, so the threads fault pages in parallel.  ``watch``: each
+    thread times its huge-page faults, and all stop once one finds them collapsed."""
     if threads <= 1 or len(jobs) <= 1:
-        _zero(jobs)
+        _zero(jobs, watch)
         return
     per = -(-len(jobs) // threads)
     workers = [
-        threading.Thread(target=_zero, args=(jobs[i : i + per],), name="aiopinned-touch",
+        threading.Thread(target=_zero, args=(jobs[i : i + per], watch), name="aiopinned-touch",
                          daemon=True)
         for i in range(0, len(jobs), per)
     ]  # fmt: skip
@@ -159,6 +230,18 @@ def _spread(jobs: list[tuple[int, int]], threads: int) -> None:
         worker.join()
 
 
-def _zero(jobs: list[tuple[int, int]]) -> None:
-    for address, length in jobs:
+def _zero(jobs: list[tuple[int, int]], watch: Watch | None = None) -> None:
+    if watch is None:
+        for address, length in jobs:
+            ctypes.memset(address, 0, length)
+        return
+    pages, stop = watch
+    window, t0 = _hugepages.WINDOW_PAGES, time.perf_counter()
+    for i, (address, length) in enumerate(jobs, 1):
         ctypes.memset(address, 0, length)
+        if i % window == 0:
+            now = time.perf_counter()
+            if stop.is_set() or pages.collapsed(window * HUGE_PAGE, now - t0):
+                stop.set()
+                return
+            t0 = now

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -43,12 +42,15 @@ from ._cudart import (
     drv,
     error_text,
     pci_bus_id,
+    register_chunk,
     relaxed_capture,
     rt,
     stream_handle,
+    unregister_chunk,
 )
 from ._graphhold import GraphHolds
-from ._memory import PINNING_MODES, Mapped, default_threads
+from ._hugepages import HUGETLB, HugePages
+from ._memory import PINNING_MODES, REGISTER_CHUNK_BYTES, Mapped, default_threads
 from ._numa import resolve
 
 __all__ = ["CudaBackend"]
@@ -92,6 +94,9 @@ class CudaBackend:
         if pinning not in PINNING_MODES:
             raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
         self.pinning = pinning
+        self.huge_pages = HugePages()
+        #: the most one ``cudaHostRegister`` covers (``REGISTER_CHUNK_BYTES``)
+        self.register_chunk_bytes = REGISTER_CHUNK_BYTES
         self._threads = default_threads() if threads is None else threads
         self._registered: dict[int, Mapped] = {}
         reason = cuda_unusable_reason()
@@ -121,7 +126,7 @@ class CudaBackend:
             try:
                 return self._register(size)
             except PinnedMemoryError as exc:
-                if self.pinning == "register":
+                if self.pinning == "register" or self.pinning in HUGETLB:
                     raise
                 with self._lock:
                     first, self.pinning = self.pinning == "auto", "alloc"
@@ -132,17 +137,12 @@ class CudaBackend:
         return int(ptr)
 
     def _register(self, size: int) -> int:
-        mapped = Mapped(size, self._threads, self.numa_node)
-        (err,) = rt.cudaHostRegister(mapped.ptr, size, rt.cudaHostRegisterPortable)
-        if err != rt.cudaError_t.cudaSuccess:
+        mapped = Mapped(size, self._threads, self.numa_node, self.huge_pages, self.pinning)
+        try:
+            mapped.register(register_chunk, unregister_chunk, self.register_chunk_bytes)
+        except BaseException:
             mapped.close()
-            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
-            raise PinnedMemoryError(
-                f"cudaHostRegister({size}) failed: {error_text(err)}; page-locked memory is "
-                f"limited by RLIMIT_MEMLOCK (now {limit}: raise 'ulimit -l'), or pass "
-                "pinning='alloc'"
-            )
+            raise
         with self._lock:
             self._registered[mapped.ptr] = mapped
         return mapped.ptr
@@ -154,7 +154,7 @@ class CudaBackend:
             if mapped is None:
                 check(rt.cudaFreeHost(ptr), f"cudaFreeHost({ptr:#x}, {size} bytes)")
                 return
-            check(rt.cudaHostUnregister(ptr), f"cudaHostUnregister({ptr:#x}, {size} bytes)")
+            mapped.unregister(unregister_chunk)  # (a failure leaves it mapped, and counted)
         with self._lock:
             del self._registered[ptr]
         mapped.close()

@@ -14,7 +14,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._memory import Mapped, default_threads
+from ._hugepages import HugePages
+from ._memory import PINNING_MODES, REGISTER_CHUNK_BYTES, Mapped, default_threads
 from ._numa import resolve
 
 __all__ = ["HostBackend", "HostStream"]
@@ -101,7 +102,9 @@ class HostBackend:
     """Page-aligned anonymous ``mmap`` memory; :class:`HostStream` for streams.
 
     ``None`` as a stream means the backend's default stream, as it means the legacy default stream
-    on CUDA.
+    on CUDA.  Memory is mapped as the CUDA backend maps it (``pinning="hugetlb"`` too), and
+    "registered" in the same chunks through ``register_range``, which does nothing here: a test
+    backend fails it to stand in for the driver's limits.
     """
 
     name = "host"
@@ -111,7 +114,14 @@ class HostBackend:
         threads: int | None = None,
         numa_node: int | str | None = None,
         device: int | None = None,  # (a CUDA pool's device: here there is none, and it is ignored)
+        pinning: str = "auto",
     ) -> None:
+        if pinning not in PINNING_MODES:
+            raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
+        self.pinning = pinning
+        self.huge_pages = HugePages()
+        #: the most one registration covers (``REGISTER_CHUNK_BYTES``)
+        self.register_chunk_bytes = REGISTER_CHUNK_BYTES
         self._threads = default_threads() if threads is None else threads
         self.numa_node = resolve(numa_node, None, "the host backend (no device)")
         self._maps: dict[int, Mapped] = {}
@@ -120,15 +130,29 @@ class HostBackend:
         self.default_stream = HostStream("aiopinned-default")
 
     def alloc(self, size: int) -> int:
-        # the CUDA backend's path, less the registration
-        mapped = Mapped(size, self._threads, self.numa_node)
+        # the CUDA backend's path, the registration a stand-in
+        mapped = Mapped(size, self._threads, self.numa_node, self.huge_pages, self.pinning)
+        try:
+            mapped.register(self.register_range, self.unregister_range, self.register_chunk_bytes)
+        except BaseException:
+            mapped.close()
+            raise
         with self._maps_lock:
             self._maps[mapped.ptr] = mapped
         return mapped.ptr
 
+    def register_range(self, ptr: int, size: int) -> None:
+        """Where the CUDA backend calls ``cudaHostRegister``: nothing to do here."""
+
+    def unregister_range(self, ptr: int) -> None:
+        """Where the CUDA backend calls ``cudaHostUnregister``."""
+
     def free(self, ptr: int, size: int) -> None:
         with self._maps_lock:
-            m = self._maps.pop(ptr)
+            m = self._maps[ptr]
+        m.unregister(self.unregister_range)  # (a failure leaves it mapped, and counted)
+        with self._maps_lock:
+            del self._maps[ptr]
         m.close()
 
     def normalize_stream(self, stream: object) -> HostStream:
