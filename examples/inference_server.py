@@ -2,15 +2,15 @@
 
     python examples/inference_server.py serve --port 8000 --max-mib 16
 
-A Starlette app on uvicorn serves a small MLP on the GPU through torch (or on the host backend's
-stand-in, ``_device.py``): ``POST /infer`` takes and answers raw float32 rows; ``GET /stats``.
-The lesson is ``handle_infer`` and ``infer``.  One pool buffer, for the body and the answer, is
-a request's admission ticket: the request waits for it (``--admit-timeout``, else ``503``), then
-reads its body straight into it, so a waiting connection costs no memory and the requests past
-admission, with their device tensors, are bounded by the cap.  Small requests have a pool of
-their own (``--lane-mib``), never queued behind large ones.  ``infer`` copies the input to the
-device, runs the model, copies the answer back into the buffer and awaits ``synchronize``
-without blocking the loop.  Gone clients leave at once, stalled ones are dropped (``_http.py``).
+Starlette on uvicorn serves a small MLP on the GPU through torch (or the host backend's stand-in,
+``_device.py``): ``POST /infer`` takes and answers raw float32 rows; ``GET /stats``, ``/health``
+(``_tier.py``: a pinned tier brought up while serving).  The lesson is ``handle_infer`` and
+``infer``.  One pool buffer, for the body and the answer, is a request's admission ticket: the
+request waits for it (``--admit-timeout``, else ``503``), then reads its body straight into it,
+so a waiting connection costs no memory and the requests past admission are bounded by the cap.
+Small requests have a pool of their own (``--lane-mib``).  ``infer`` copies the input to the
+device, runs the model, copies the answer back and awaits ``synchronize`` off the loop.  Gone
+clients leave at once, stalled ones are dropped (``_http.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from resource import RUSAGE_SELF, getrusage
 from typing import Any
 
 import _http
+import _tier
 import anyio
 from _device import HostDevice, TorchDevice, make_weights, mlp_dims, open_device, pick_backend
 from starlette.applications import Starlette
@@ -44,6 +45,7 @@ class Server:
     weights: Any
     streams: list[Any]
     counters: Counter[str] = field(default_factory=Counter)  # ok, rejected, client_gone, ...
+    tier: _tier.Tier | None = None  # a pinned tier brought up while serving (--tier-gib)
 
 
 async def infer(server: Server, buf: PinnedBuffer, rows: int) -> bytes:
@@ -79,12 +81,13 @@ async def open_server(args: argparse.Namespace) -> AsyncIterator[Server]:
     async with (
         PinnedPool(backend, max_bytes=args.max_bytes) as pool,
         PinnedPool(backend, max_bytes=args.lane_bytes) as lane,
+        _tier.bring_up(args, backend) as tier,
     ):
         device = await anyio.to_thread.run_sync(open_device, pool.backend)
         dims = args.dims or mlp_dims(pool.backend)
         weights = await anyio.to_thread.run_sync(make_weights, dims, 0)
         streams = [device.stream() for _ in range(args.streams)]
-        yield Server(pool, lane, device, dims, device.load(weights), streams)
+        yield Server(pool, lane, device, dims, device.load(weights), streams, tier=tier)
 
 
 async def handle_infer(
@@ -137,10 +140,11 @@ def create_app(args: argparse.Namespace, infer: Infer = infer, admit: Admit = ad
         model = {"dims": server.dims, "seed": 0, "engine": server.device.name}
         peak = {"peak_rss_bytes": getrusage(RUSAGE_SELF).ru_maxrss * 1024}  # (KiB on Linux)
         pools = {k: p.stats().as_dict() for k, p in (("pool", server.pool), ("lane", server.lane))}
+        pools["tier"] = server.tier.state() if server.tier else {}
         return JSONResponse({"model": model, **pools, "server": {**server.counters, **peak}})
 
     routes = [Route("/infer", on_infer, methods=["POST"]), Route("/stats", handle_stats),
-              Route("/metrics", _http.metrics)]  # fmt: skip
+              Route("/metrics", _http.metrics), Route("/health", _tier.health)]  # fmt: skip
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -157,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--admit-timeout", type=float, default=5,
                         help="seconds to wait for a buffer, then 503")  # fmt: skip
     _http.add_http_arguments(parser)  # serve, --host, --port, timeouts, --http, --workers
+    _tier.add_tier_arguments(parser)  # --tier-gib, --tier-page-kib, --pin-threads
     args = parser.parse_args(argv)
     args.max_bytes = int(args.max_mib * (1 << 20) / args.workers)  # each worker's share
     args.lane_bytes = int((args.lane_mib or args.max_mib / 16) * (1 << 20) / args.workers)

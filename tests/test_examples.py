@@ -65,6 +65,8 @@ async def test_the_server_answers_correctly_and_refuses_bad_requests() -> None:
             # no Content-Length: no admission (411, once the chunks have not ended in time)
             assert await status_of_raw(url, chunked) == 411
             assert (await c.get("/infer")).status_code == 405
+            health = await c.get("/health")  # (ready: no tier to wait for)
+            assert (health.status_code, health.json()) == (200, {"tier": None})
             stats = (await c.get("/stats")).json()
     assert stats["model"] == {"dims": [32, 48, 48, 16], "seed": 0, "engine": "numpy (host)"}
     assert stats["server"]["ok"] == 72 and stats["server"]["rejected"] == 4
@@ -72,10 +74,32 @@ async def test_the_server_answers_correctly_and_refuses_bad_requests() -> None:
     assert stats["pool"]["peak_reserved_bytes"] <= 64 * 1024
 
 
+async def test_the_server_serves_while_its_tier_comes_up_and_health_says_when() -> None:
+    argv = ["--backend", "host", "--dims", MODEL, "--streams", "2", "--tier-gib", "0.25",
+            "--tier-page-kib", "64", "--tier-after-s", "0.5", "--pin-threads", "1"]  # fmt: skip
+    async with (
+        bench_server.server_process("pinned", argv) as running,
+        httpx.AsyncClient(base_url=running.url) as c,
+    ):
+        before = await c.get("/health")
+        assert before.status_code == 503 and before.json()["tier"]["up"] is False
+        report = await bench_server.run_load(running.url, concurrency=2, requests=16, rows=2)
+        assert report.requests == 16  # answered whatever the tier's state
+        for _ in range(600):
+            if (health := await c.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        tier = health.json()["tier"]
+        assert health.status_code == 200 and tier["pinned_bytes"] == tier["bytes"] == 1 << 28
+        assert tier["ended"] >= tier["started"] and tier["error"] is None
+        assert (await c.get("/stats")).json()["tier"] == tier
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--max-mib", "0"], "--max-mib must be > 0"), (["--dims", "8"], "two widths"),
-     (["--streams", "0"], "--streams >= 1")],
+     (["--streams", "0"], "--streams >= 1"), (["--tier-gib", "-1"], "--tier-gib: must be >= 0"),
+     (["--tier-page-kib", "1"], "--tier-page-kib: must be >= 4")],
 )  # fmt: skip
 def test_the_server_refuses_bad_command_lines(argv: list[str], message: str) -> None:
     out = run(EXAMPLES / "inference_server.py", "serve", *argv, check=False)
