@@ -132,12 +132,11 @@ class Growth:
         for pieces in layout(total, block_bytes, segment_bytes):
             if not self._is_open():
                 raise PoolClosed(CLOSED_MESSAGE)
-            room, asked = self._cache.reservations.room(), len(pieces)
-            while pieces and sum(pieces) > room:
-                pieces.pop()  # (the cap: the blocks that fit, then stop)
+            room, asked, size = self._cache.reservations.room(), len(pieces), sum(pieces)
+            while pieces and size > room:
+                size -= pieces.pop()  # (the cap: the blocks that fit, then stop)
             if not pieces:
                 break
-            size = sum(pieces)
             plan = self._cache.plan(size, exact=True)
             assert plan is not None and not plan.victims
             plan.carve = pieces if len(pieces) > 1 else []

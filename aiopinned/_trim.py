@@ -37,6 +37,7 @@ class Trim:
         "_failed",
         "_pinning",
         "_port",
+        "_stuck",
         "idle_s",
         "max_idle_bytes",
         "on",
@@ -50,6 +51,9 @@ class Trim:
         self._cancel: Callable[[], None] | None = None
         #: blocks whose unpin failed: when to try again, and the back-off after that
         self._failed: dict[Block, tuple[float, float]] = {}
+        #: the last bound found too few idle bytes it could unpin (carved blocks of segments in
+        #: use): until the idle bytes fall under the bound, only a returned block can change that
+        self._stuck = False
 
     def start(
         self, port: LoopPort, pinning: Pinning, done: Callable[[list[Block], list[Block]], None]
@@ -70,11 +74,16 @@ class Trim:
         """Loop thread: ``block`` has just joined the free list."""
         if (block.segment or block) not in self._failed:  # (a failed one keeps its age)
             block.idle_since = time.monotonic()
+        if self._stuck and self._cache.free.nbytes > (self.max_idle_bytes or 0):
+            # (no need to sort every idle block again: only this block, or the segment it
+            # completes, can have become unpinnable)
+            self._unpin([u for u in units([block]) if u not in self._failed])
+            return
         self._bound()
 
     def _bound(self) -> None:
         """Unpin the oldest idle blocks past ``max_idle_bytes`` (those in back-off excepted)."""
-        free = self._cache.free
+        free, self._stuck = self._cache.free, False
         if self.on and self.max_idle_bytes is not None and free.nbytes > self.max_idle_bytes:
             over, victims = free.nbytes - self.max_idle_bytes, []
             for unit in units(sorted(self._tryable(), key=lambda b: b.idle_since)):
@@ -82,6 +91,7 @@ class Trim:
                     break
                 victims.append(unit)
                 over -= unit.size
+            self._stuck = over > 0 and not self._failed
             self._unpin(victims)
 
     def _tick(self) -> None:

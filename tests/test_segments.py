@@ -119,6 +119,31 @@ async def test_trimming_unpins_whole_idle_segments() -> None:
         held.free()
 
 
+async def test_trimming_held_back_by_segments_in_use_goes_on_as_blocks_come_back() -> None:
+    backend = FaultBackend()
+    async with PinnedPool(backend, segment_bytes=32 * KB, max_idle_bytes=40 * KB) as pool:
+        await pool.reserve(32 * KB, block_bytes=8 * KB)  # segment A: 8 KiB blocks
+        a = [await pool.allocate(8 * KB) for _ in range(3)]
+        held = await pool.allocate(16 * KB)  # a block of its own
+        await pool.reserve(32 * KB, block_bytes=4 * KB)  # segment B: 4 KiB blocks; 40 KiB idle
+        b = await pool.allocate(4 * KB)
+        a[0].free()
+        a[1].free()  # 52 KiB idle, past the bound, but both segments have a block out
+        s = pool.stats()
+        assert (s.free_bytes, s.stranded_bytes, backend.calls["free"]) == (52 * KB, 52 * KB, 0)
+        assert pool._trim._stuck  # (so a return looks at that block alone, sorting nothing)
+        held.free()  # past the bound, and it can go
+        await until(lambda: backend.calls["free"] == 1)
+        a[2].free()  # A is whole again: it goes
+        await until(lambda: backend.calls["free"] == 2)
+        await until(lambda: pool.stats().reserved_bytes == 32 * KB == backend.pinned_bytes())
+        b.free()  # 32 KiB idle: under the bound
+        await anyio.sleep(0.05)
+        s = pool.stats()
+        assert (s.trimmed_bytes, s.segments, s.free_bytes, backend.calls["free"]) == (
+            48 * KB, 1, 32 * KB, 2)  # fmt: skip
+
+
 async def test_a_failed_segment_unpin_keeps_all_its_blocks_counted() -> None:
     backend = FaultBackend()
     async with PinnedPool(backend, segment_bytes=32 * KB) as pool:
