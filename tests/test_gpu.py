@@ -446,10 +446,49 @@ async def test_reserve_pins_ahead_and_the_first_requests_hit_the_cache() -> None
         got = await pool.reserve(256 << 20, block_bytes=64 << 20,
                                  progress=lambda done, total: progress.append(done))  # fmt: skip
         elapsed = time.perf_counter() - t0
-        assert got == 256 << 20 and progress == [k << 20 for k in (64, 128, 192, 256)]
+        assert got == 256 << 20 and progress == [256 << 20]  # one segment, four blocks
         buf = await pool.allocate(64 << 20)
         assert buf.torch().is_pinned() and pool.stats().cache_misses == 0
-        print(f"\nreserve: 256 MiB in 4 blocks in {elapsed * 1e3:.0f} ms")
+        print(f"\nreserve: 256 MiB in 4 blocks of one segment in {elapsed * 1e3:.0f} ms")
+
+
+async def test_blocks_carved_from_a_segment_copy_at_full_speed_and_hold_their_bytes() -> None:
+    async with PinnedPool("cuda", segment_bytes=256 << 20) as pool:
+        await pool.reserve(512 << 20, block_bytes=2 << 20)  # two segments of 128 pages
+        s = pool.stats()
+        assert (s.num_host_alloc, s.segments, s.free_blocks) == (2, 2, 256)
+        pages = [await pool.allocate(2 << 20) for _ in range(256)]
+        dev = torch.empty((256, 2 << 20), dtype=torch.uint8, device="cuda")
+        for i, page in enumerate(pages):
+            page.numpy()[:] = i % 251
+            dev[i].copy_(page.torch(), non_blocking=True)
+            page.record_stream(torch.cuda.current_stream())
+        torch.cuda.synchronize()
+        assert all(int(dev[i, -1]) == i % 251 for i in range(256))
+        big = torch.empty(2 << 20, dtype=torch.uint8, device="cuda")
+        gbps = copy_gbps(torch, pages[7].torch(), big, True, 50)
+        print(f"\na carved 2 MiB page, host to device: {gbps:.1f} GB/s")
+        assert gbps > 20  # pinned (pageable runs at about 8)
+        for page in pages:
+            page.free()
+        await pool.synchronize(torch.cuda.current_stream())
+        assert await pool.empty_cache() == 512 << 20 and pool.stats().segments == 0
+
+
+async def test_a_block_registered_in_chunks_copies_within_each_chunk() -> None:
+    async with PinnedPool("cuda") as pool:
+        pool_backend = pool._rt.backend
+        pool_backend.register_chunk_bytes = 32 << 20  # (64 GiB in use: 32 MiB here)
+        buf = await pool.allocate(96 << 20)
+        host = buf.torch()
+        host[:] = 3
+        dev = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
+        for k in range(3):  # each chunk of it, a registration of its own
+            dev.copy_(host[k << 25 : (k + 1) << 25], non_blocking=True)
+            torch.cuda.synchronize()
+            assert int(dev[-1]) == 3
+        buf.free()
+        await pool.empty_cache()
 
 
 async def test_idle_pinned_memory_is_trimmed_by_age_and_by_bytes() -> None:
