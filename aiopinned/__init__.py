@@ -20,6 +20,7 @@ from .errors import (
     WouldBlock,
 )
 from .loader import FileReader, ReadReport, load_safetensors, stream_safetensors
+from .pages import PinnedPages
 
 __all__ = [
     "AiopinnedError",
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidBufferError",
     "PinnedBuffer",
     "PinnedMemoryError",
+    "PinnedPages",
     "PinnedPool",
     "PoolClosed",
     "PoolStats",
