@@ -184,7 +184,9 @@ def load_row(name: str, files: list[Path]) -> tuple[dict[str, Any], dict[str, An
 
 def aiopinned_row(files: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
     """aiopinned's load, with the loop's longest stall (and, where one passed 5 ms, what the
-    loop thread and the others were running then)."""
+    loop thread and the others were running then), and the garbage collector's longest pause
+    meanwhile (a pass over a torch process's heap holds the GIL in whichever thread runs it)."""
+    import gc
     import threading
     import traceback
 
@@ -218,7 +220,17 @@ def aiopinned_row(files: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
                                    for o in others})  # fmt: skip
                     where[0] += "; other threads: " + " // ".join(tops)
 
+        pauses: list[tuple[int, float]] = []  # (generation, ms) of each collection
+        began = [0.0]
+
+        def timed(phase: str, info: dict[str, int]) -> None:  # (collections never overlap)
+            if phase == "start":
+                began[0] = time.perf_counter()
+            else:
+                pauses.append((info["generation"], (time.perf_counter() - began[0]) * 1e3))
+
         threading.Thread(target=watchdog, daemon=True).start()
+        gc.callbacks.append(timed)
         try:
             async with (
                 PinnedPool("cuda", max_bytes=_pipeline.DEFAULT_MAX_BYTES) as pool,
@@ -230,10 +242,14 @@ def aiopinned_row(files: list[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
                 pooled = pool.stats().peak_reserved_bytes
         finally:
             stop.set()
+            gc.callbacks.remove(timed)
+        longest = max((ms for _, ms in pauses), default=0.0)
         report = out.report
         facts = {
             "stall_ms": worst[0] * 1e3,
             "stall_where": where[0],
+            "gc": f"{len(pauses)} collections, the longest {longest:.1f} ms, "
+            f"{sum(g == 2 for g, _ in pauses)} of generation 2",
             "report": vars(report),
             "version": "this tree",
             "pinned_peak": pooled,
@@ -455,7 +471,8 @@ def main() -> None:
                                     if tuple(sums.get(k, ())) != tuple(v)]  # fmt: skip
                 results.setdefault((state, name), []).append(got)
                 if "seconds" in got:  # (as it goes: a run cut short still says something)
-                    extra = {k: got[k] for k in ("stall_ms", "stall_where", "report") if k in got}
+                    extra = {k: got[k] for k in ("stall_ms", "stall_where", "gc", "report")
+                             if k in got}  # fmt: skip
                     say(f"  {got['bytes'] / got['seconds'] / GB:.1f} GB/s, "
                         f"{len(got['wrong'])} wrong, {extra}")  # fmt: skip
                 else:
@@ -509,6 +526,7 @@ def report(
                 notes += f"; loop stall max {worst['stall_ms']:.2f} ms"
                 if worst["stall_where"]:
                     notes += f" (the loop was in: {worst['stall_where']})"
+                notes += f"; garbage collector: {worst['gc']}"
                 read = {k: v for k, v in ok[-1]["report"].items() if v}
                 notes += f"; read {read}"
             print(
