@@ -90,7 +90,10 @@ class Cache:
         blocks = [b for u in units for b in (u.blocks if isinstance(u, Segment) else (u,))]
         for unit in units:
             unit.state = FREE
-        return [self.register(block) for block in blocks]
+        self.registry.add_many(blocks)
+        for block in blocks:
+            block.state = PENDING
+        return blocks
 
     def register(self, block: Block) -> Block:
         """In the registry, on its way to its caller or the free list (``FREE`` means in the
@@ -102,12 +105,16 @@ class Cache:
     def forget(self, block: Block) -> None:
         """Out of the registry: the block (a segment: its blocks) is on its way to being
         unpinned (still reserved).  A block already forgotten stays so."""
-        if isinstance(block, Segment):
-            for carved in block.blocks:
-                self.forget(carved)
-        elif block.state != UNPINNED:
-            self.registry.remove(block)
-        block.state = UNPINNED
+        self.forget_all([block])
+
+    def forget_all(self, units: list[Block]) -> None:
+        """``forget`` each of ``units``, the registry's bookkeeping done once for all."""
+        blocks = [b for u in units for b in (u.blocks if isinstance(u, Segment) else (u,))]
+        self.registry.remove_many([b for b in blocks if b.state != UNPINNED])
+        for block in blocks:
+            block.state = UNPINNED
+        for unit in units:
+            unit.state = UNPINNED
 
     def take_out(self, units: list[Block]) -> None:
         """Idle units (from ``units``) out of the free list and the registry, to be unpinned."""
@@ -117,7 +124,7 @@ class Cache:
                 free.remove_many(unit.blocks)
             else:
                 free.remove(unit)
-            self.forget(unit)
+        self.forget_all(units)
 
     def take_idle(self, closing: bool = False) -> list[Block]:
         """Every idle unit, out of the free list and the registry (still reserved).
@@ -126,12 +133,10 @@ class Cache:
         retired with it (the segment is unpinned once its last block is retired)."""
         idle = self.free.take_all()
         taken = list(units(idle))
-        for unit in taken:
-            self.forget(unit)
+        self.forget_all(taken)
         rest = [b for b in idle if b.state != UNPINNED]  # (of segments with blocks still out)
         if closing:
-            for block in rest:
-                self.forget(block)
+            self.forget_all(rest)
         else:
             self.free.add_many(rest)
         return taken

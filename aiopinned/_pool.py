@@ -15,7 +15,7 @@ from threading import get_ident
 import anyio
 
 from . import _checks as check
-from ._block import ALLOCATED, FREE, PENDING, Block
+from ._block import ALLOCATED, PENDING, Block
 from ._bringup import Reserves, Reserving
 from ._buffer import PinnedBuffer
 from ._cache import Cache
@@ -449,8 +449,7 @@ class PinnedPool:
         self._lot.serve(self._grant)
 
     def _grant(self, size: int) -> Block | Plan | None:
-        """For the head waiter: an idle block (no longer idle: a segment with a block granted
-        is not unpinned), else room to grow."""
+        """The head waiter's: an idle block (marked taken at once), else room to grow."""
         block = self._free.take(size)
         if block is None:
             return self._cache.plan(size)
@@ -458,8 +457,12 @@ class PinnedPool:
         return block
 
     def _return_blocks(self, blocks: list[Block]) -> None:
-        for block in blocks:
-            self._return_block(block)
+        if self._state != _CLOSED and not self._trim.on:  # (in one step: a segment's blocks)
+            self._free.add_many(blocks)
+            self._counts.returned += len(blocks)
+        else:
+            for block in blocks:
+                self._return_block(block)
         self._serve()
 
     def _call_on_loop(self, fn: Callable[[], object]) -> bool:
@@ -499,7 +502,6 @@ class PinnedPool:
             if unit is not None:
                 self._cache.reservations.unpinned(unit.size)
             return
-        block.state = FREE
         self._free.add(block)
         self._counts.returned += 1
         if self._waiters:

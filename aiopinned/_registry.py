@@ -9,10 +9,22 @@ their operations only.
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
+from typing import Any
 
 from sortedcontainers import SortedList
 
 from ._block import Block
+
+
+def merge(into: SortedList, items: Collection[Any]) -> None:
+    """``into.update(items)``, which sorts everything again, where ``items`` are many against
+    what ``into`` holds; else one ``add`` each (a segment's blocks into a large tier's)."""
+    if len(items) * 8 < len(into):
+        for item in items:
+            into.add(item)
+    else:
+        into.update(items)
 
 
 class Registry:
@@ -37,6 +49,27 @@ class Registry:
                 raise ValueError(f"{block!r} overlaps a registered block")
             self._blocks[block.ptr] = block
             self._starts.add(block.ptr)
+
+    def add_many(self, blocks: list[Block]) -> None:
+        """``add`` for many blocks at once (a carved segment's)."""
+        new = {block.ptr: block for block in blocks}
+        with self._lock:
+            if len(new) < len(blocks) or not self._blocks.keys().isdisjoint(new):
+                raise ValueError("a block overlaps a registered block")
+            self._blocks.update(new)
+            merge(self._starts, new)
+
+    def remove_many(self, blocks: list[Block]) -> None:
+        """``remove`` for many blocks at once (a tier emptied): the sorted starts are rebuilt
+        where that is cheaper than one removal each."""
+        with self._lock:
+            for block in blocks:
+                del self._blocks[block.ptr]
+            if len(blocks) * 8 < len(self._starts):
+                for block in blocks:
+                    self._starts.remove(block.ptr)
+            else:
+                self._starts = SortedList(self._blocks)
 
     def remove(self, block: Block) -> None:
         with self._lock:

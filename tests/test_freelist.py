@@ -197,3 +197,25 @@ def test_pow2_without_a_cap_is_the_seeds_unbounded_best_fit() -> None:
     (big,) = blocks(1 << 20)
     free.add(big)
     assert free.take(1000) is big
+
+
+def test_a_size_with_many_idle_blocks_keeps_address_order_in_a_sorted_container() -> None:
+    from aiopinned._freelist import BIG
+
+    free = FreeList(Sizes("fine", capped=False))
+    many = [Block(0x10000 + i * 4096, 4096) for i in range(BIG + 300)]
+    random.Random(3).shuffle(many)
+    old_home = None
+    for block in many:
+        free.add(block)
+        old_home = old_home or block.home
+    assert type(free.lists[4096]) is not list and free.nbytes == len(many) * 4096
+    assert old_home is not free.lists[4096] and old_home  # the old list: never empty again
+    assert all(b.home is free.lists[4096] for b in many)
+    got = [free.take(4096) for _ in range(len(many))]
+    assert [b.ptr for b in got if b] == sorted(b.ptr for b in many)  # lowest address first
+    assert free.take(4096) is None and free.nbytes == 0
+    free.add_many(got[:500])
+    free.remove_many(got[:10])
+    free.remove(got[10])
+    assert len(free) == 489 and free.take(4096) is got[11]

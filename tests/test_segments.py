@@ -3,6 +3,7 @@ its blocks are idle; and reserves brought up in the background while the pool se
 
 from __future__ import annotations
 
+import random
 import threading
 from itertools import pairwise
 
@@ -18,7 +19,7 @@ from aiopinned import (
     PoolClosed,
     Reserving,
 )
-from aiopinned._growth import layout
+from aiopinned._growth import MAX_CARVED, layout
 
 from .conftest import RecordingBackend, until
 from .faults import FaultBackend
@@ -32,6 +33,8 @@ def test_the_layout_fills_segments_with_whole_blocks_and_ends_with_the_remainder
     assert list(layout(8 * KB, 4 * KB, KB)) == [[4 * KB], [4 * KB]]  # a block bigger: its own
     assert list(layout(12 * KB, 4 * KB, 8 * KB)) == [[4 * KB] * 2, [4 * KB]]
     assert list(layout(0, 0, KB)) == []
+    small = list(layout((MAX_CARVED + 5) * 4 * KB, 4 * KB, 1 << 30))  # (bounded per segment)
+    assert [len(p) for p in small] == [MAX_CARVED, 5]
 
 
 async def test_a_tier_of_fixed_size_pages_costs_one_pin_per_segment() -> None:
@@ -290,3 +293,21 @@ async def test_random_faults_with_segments_keep_the_counts() -> None:
         assert pool.stats().active_bytes == 0 and sum(backend.failures.values()) > 0 < errors
         backend.rate = 0.0  # (the close unpins everything)
     assert backend.pinned_bytes() == pool.stats().reserved_bytes == 0
+
+
+async def test_a_tier_of_many_pages_freed_in_any_order_comes_back_whole() -> None:
+    async with PinnedPool("host") as pool:
+        n = 3000
+        await pool.reserve(n * 4096, block_bytes=4096)
+        bufs = [await pool.allocate(4096) for _ in range(n)]
+        assert len({b.ptr for b in bufs}) == n and pool.stats().num_host_alloc == 3
+        random.Random(4).shuffle(bufs)
+        for buf in bufs:
+            buf.free()  # (the hit path's append, and the sorted container's insert)
+        s = pool.stats()
+        assert (s.free_blocks, s.free_bytes, s.active_requests) == (n, n * 4096, 0)
+        again = [await pool.allocate(4096) for _ in range(n)]
+        assert [b.ptr for b in again] == sorted(b.ptr for b in again)
+        assert pool.stats().num_host_alloc == 3
+        for buf in again:
+            buf.free()
