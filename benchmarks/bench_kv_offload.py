@@ -25,6 +25,7 @@ without it (recompute only), on the same arrivals; and the loop's longest stall.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import threading
 import time
@@ -385,10 +386,12 @@ async def bench(args: argparse.Namespace) -> None:
                 held = await PinnedPages.allocate(
                     pool, args.prefixes * args.pages_per_prefix, args.page_kib_serve * KiB
                 )
+                gc.freeze()  # (the README's advice for a tier of many pages: see "Memory")
             engine = Engine(kv, pool, held, args)
             runs[tier] = await run_requests(engine, arrivals)
             runs[tier]["swaps"] = (engine.swapped_in, engine.swapped_out)
             if held is not None:
+                gc.unfreeze()
                 held.free()
                 await pool.synchronize(kv.copy)
                 await pool.empty_cache()
