@@ -20,7 +20,8 @@ Pinned bytes come from each allocator's own count (torch's ``host_memory_stats``
 CUDA the torch rows are skipped and the others run on the host backend, without registration.
 
 **Carving.**  A tier of 2 MiB pages by ``reserve``'s segments, against one pinning per page
-(``segment_bytes`` = the page).
+(``segment_bytes`` = the page), and the time per GiB at several ``segment_bytes`` (the default,
+1 GiB, is chosen from these).
 
 **Serving during bring-up.**  The example server (``examples/inference_server.py``) answers a
 probe process's small requests (its own process, so that the client does not share the server's
@@ -303,6 +304,14 @@ def bench(args: argparse.Namespace) -> None:
         f"{tier['calls']} pinning calls in {tier['seconds']:.2f} s; one pinning per page "
         f"{each['calls']} calls in {each['seconds']:.2f} s "
         f"({each['seconds'] / tier['seconds']:.2f}x the time)")  # fmt: skip
+    sweep = []  # (segment_bytes' default, 1 GiB: what larger or smaller segments would cost)
+    for mib in (int(m) for m in args.segments_mib.split(",") if m):
+        got = run_bring_up("aiopinned", carve, args, segment=mib * MiB)
+        sweep.append(
+            f"{mib} MiB: {got['calls']} calls, {got['seconds'] / args.carve_gib:.3f} s/GiB"
+        )
+    if sweep:
+        say("segment_bytes: " + "; ".join(sweep))
 
     if args.serve_gib:
         rows = anyio.run(serving, args, methods)
@@ -338,6 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--page-kib", type=int, default=2048, help="the tier's page (KiB)")
     parser.add_argument("--pin-threads", type=int, help="aiopinned's touch threads (default)")
     parser.add_argument("--carve-gib", type=float, default=8, help="the carving row's tier")
+    parser.add_argument(
+        "--segments-mib",
+        default="64,256,1024,2048",
+        help="segment_bytes to sweep in the carving row (MiB)",
+    )
     parser.add_argument("--serve-gib", type=float, default=64, help="0: no serving rows")
     parser.add_argument(
         "--serve-pin-threads",

@@ -41,4 +41,5 @@ def test_the_benchmark_runs_and_prints_its_tables() -> None:
     assert "0.125 GiB: s (pinned/asked)" in text and "(1.00)" in text
     assert "carving 0.0625 GiB into 2048 KiB pages: reserve 1 pinning calls" in text
     assert "32 calls" in text  # one pinning per page
+    assert "segment_bytes: 64 MiB: 1 calls" in text  # (the sweep: 64 MiB holds it all)
     assert "serving small requests" in text and text.count("x ") >= 2
