@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 
+import anyio
+import anyio.lowlevel
 import numpy as np
 import pytest
 
@@ -109,3 +111,28 @@ async def test_bad_pieces_are_refused_before_anything_is_queued() -> None:
             PinnedPages(pool, odd)
         for buf in odd:
             buf.free()
+
+
+async def test_a_large_table_is_given_back_a_chunk_at_a_time() -> None:
+    from aiopinned.pages import _table
+
+    async with PinnedPool("host") as pool:
+        pages = await PinnedPages.allocate(pool, 2 * _table.CHUNK + 5, PAGE)
+        stream = HostStream()
+        device = np.zeros(PAGE, np.uint8)  # (kept alive until the copy has run)
+        pages.to_device([0], [device.ctypes.data], stream)
+        stream.synchronize()
+        steps = 0
+
+        async def count() -> None:
+            nonlocal steps
+            while pool.stats().active_requests:
+                steps += 1
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(count)
+            async with pages:
+                pass  # (aclose on leaving)
+        assert steps >= 2  # the loop ran while the pages went back
+        await until(lambda: pool.stats().free_blocks == 2 * _table.CHUNK + 5)
