@@ -3,6 +3,7 @@ its blocks are idle; and reserves brought up in the background while the pool se
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from itertools import pairwise
@@ -14,6 +15,7 @@ from anyio import wait_all_tasks_blocked
 from aiopinned import (
     CudaError,
     HostStream,
+    PinnedBuffer,
     PinnedMemoryError,
     PinnedPool,
     PoolClosed,
@@ -311,3 +313,51 @@ async def test_a_tier_of_many_pages_freed_in_any_order_comes_back_whole() -> Non
         assert pool.stats().num_host_alloc == 3
         for buf in again:
             buf.free()
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_background_reserves_cancels_faults_and_close_leave_nothing_pinned(
+    seed: int,
+) -> None:
+    """Random background reserves, cancels, allocations, frees and empty_cache under faults and a
+    cap, then a close: no overlap and the cap at every step, nothing pinned at the end."""
+    rng = random.Random(seed)
+    backend = FaultBackend(seed=seed, rate=rng.choice([0.0, 0.05]), random_ops=("alloc", "free"))
+    cap = rng.choice([None, 256 * KB])
+    pool = await PinnedPool(backend, max_bytes=cap, segment_bytes=rng.choice([8 * KB, 32 * KB]),
+                            max_idle_bytes=rng.choice([None, 64 * KB])).open()  # fmt: skip
+    jobs: list[Reserving] = []
+    live: list[PinnedBuffer] = []
+    for _ in range(rng.randrange(5, 40)):
+        r = rng.random()
+        try:
+            if r < 0.2:
+                page = rng.choice([KB, 3 * KB, 4 * KB])
+                jobs.append(pool.start_reserve(rng.choice([16, 40, 100]) * KB, block_bytes=page))
+            elif r < 0.3 and jobs:
+                rng.choice(jobs).cancel()
+            elif r < 0.6:
+                live.append(await pool.allocate(rng.choice([KB, 4 * KB, 9 * KB]), timeout=0.01))
+            elif r < 0.85 and live:
+                live.pop(rng.randrange(len(live))).free()
+            elif r < 0.9:
+                await pool.empty_cache()
+            else:
+                await anyio.sleep(rng.random() * 0.002)
+        except (TimeoutError, CudaError, PinnedMemoryError):
+            pass
+        spans = sorted((b.ptr, b.ptr + b.capacity) for b in live)
+        assert all(a[1] <= b[0] for a, b in pairwise(spans))
+        assert cap is None or pool.stats().reserved_bytes <= cap
+    backend.rate = 0.0
+    for buf in live[: len(live) // 2]:
+        buf.free()
+    with pytest.warns(ResourceWarning) if live[len(live) // 2 :] else contextlib.nullcontext():
+        await pool.aclose()
+    for job in jobs:
+        with contextlib.suppress(PoolClosed, CudaError, PinnedMemoryError):
+            await job
+        assert job.done()
+    for buf in live[len(live) // 2 :]:
+        buf.free()
+    await until(lambda: backend.pinned_bytes() == 0)
