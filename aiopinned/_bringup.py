@@ -34,7 +34,7 @@ class Reserving:
     """
 
     __slots__ = ("_cancelled", "_done", "_error", "_progress", "_run", "_scope", "_stop",
-                 "done_bytes", "total_bytes")  # fmt: skip
+                 "done_bytes", "ended", "total_bytes")  # fmt: skip
 
     def __init__(self, total: int, run: Run, progress: Callable[[int, int], object] | None) -> None:
         self.total_bytes = total
@@ -46,6 +46,8 @@ class Reserving:
         #: what a cancel makes it raise (``None``: a cancelled reserve returns what it kept)
         self._stop: BaseException | None = None
         self._cancelled = False
+        #: told when it ends (``Reserves`` stops counting it)
+        self.ended: Callable[[Reserving], object] = lambda job: None
 
     def done(self) -> bool:
         """Whether it has ended (all pinned, stopped at the cap, failed or cancelled)."""
@@ -90,6 +92,7 @@ class Reserving:
         finally:
             self._cancelled = self._cancelled or self._scope.cancelled_caught
             self._done.set()
+            self.ended(self)
         return self.done_bytes
 
     async def run_detached(self) -> None:
@@ -111,20 +114,19 @@ class Reserves:
         self.running: set[Reserving] = set()
 
     def track(self, job: Reserving) -> Reserving:
+        """Count ``job`` until it ends (it has not started yet)."""
         self.running.add(job)
+        job.ended = self.running.discard
         return job
 
     def gauges(self) -> dict[str, int]:
-        jobs = [job for job in self.running if not job.done()]
-        self.running = set(jobs)
         return {
-            "reserve_target_bytes": sum(job.total_bytes for job in jobs),
-            "reserve_done_bytes": sum(job.done_bytes for job in jobs),
+            "reserve_target_bytes": sum(job.total_bytes for job in self.running),
+            "reserve_done_bytes": sum(job.done_bytes for job in self.running),
         }
 
     def close(self, error: BaseException) -> None:
         """The pool is closing: stop every reserve (each keeps its whole segments, for the close
         to unpin, and raises ``error``)."""
-        for job in self.running:
+        for job in list(self.running):
             job.cancel(error)
-        self.running.clear()

@@ -87,7 +87,7 @@ class Cache:
     def _restore(self, units: list[Block]) -> list[Block]:
         """Units out of the cache that stay pinned: their blocks, registered again, for the
         caller to return to the free list."""
-        blocks = [b for u in units for b in (u.blocks if isinstance(u, Segment) else (u,))]
+        blocks = blocks_of(units)
         for unit in units:
             unit.state = FREE
         self.registry.add_many(blocks)
@@ -109,7 +109,7 @@ class Cache:
 
     def forget_all(self, units: list[Block]) -> None:
         """``forget`` each of ``units``, the registry's bookkeeping done once for all."""
-        blocks = [b for u in units for b in (u.blocks if isinstance(u, Segment) else (u,))]
+        blocks = blocks_of(units)
         self.registry.remove_many([b for b in blocks if b.state != UNPINNED])
         for block in blocks:
             block.state = UNPINNED
@@ -118,12 +118,7 @@ class Cache:
 
     def take_out(self, units: list[Block]) -> None:
         """Idle units (from ``units``) out of the free list and the registry, to be unpinned."""
-        free = self.free
-        for unit in units:
-            if isinstance(unit, Segment):
-                free.remove_many(unit.blocks)
-            else:
-                free.remove(unit)
+        self.free.remove_many(blocks_of(units))
         self.forget_all(units)
 
     def take_idle(self, closing: bool = False) -> list[Block]:
@@ -181,6 +176,11 @@ class Cache:
 
 
 _RETIRING = threading.Lock()  # (a segment's last retired block is found once, whatever thread)
+
+
+def blocks_of(units: Iterable[Block]) -> list[Block]:
+    """The blocks of ``units``: a segment's carved blocks, a block itself."""
+    return [b for u in units for b in (u.blocks if isinstance(u, Segment) else (u,))]
 
 
 def units(idle: Iterable[Block], every: Callable[[Block], bool] | None = None) -> Iterator[Block]:

@@ -14,7 +14,7 @@ import os
 
 from ._sizes import ROUNDINGS
 from .backends import Backend
-from .backends._memory import PINNING_MODES
+from .backends._memory import check_pinning
 
 BACKEND_NAMES = ("auto", "cuda", "host")
 ADDRESS_LIMIT = 1 << 64  # ctypes would take larger addresses modulo 2**64
@@ -77,13 +77,12 @@ def as_pinning(
     """How new blocks are pinned (``auto``, ``register``, ``alloc``), by how many threads, on
     which NUMA node (``None``: wherever the kernel puts them; ``"auto"``: the device's), and for
     which CUDA device (``None``: the opening thread's)."""
-    if pinning not in PINNING_MODES:
-        raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
+    mode = check_pinning(pinning)
     if threads is not None and as_size(threads, "pin_threads") < 1:
         raise ValueError("pin_threads must be >= 1 (or None for the default)")
     node = numa_node if numa_node in (None, "auto") else as_size(numa_node, "numa_node")
     return (
-        str(pinning),
+        mode,
         None if threads is None else as_size(threads, "pin_threads"),
         node,
         None if device is None else as_size(device, "device"),

@@ -145,27 +145,26 @@ class FreeList:
         self.nbytes -= block.size
         return block
 
-    def remove(self, block: Block) -> None:
-        self.lists[block.size].remove(block)
-        if block.odd:
-            self._count_odd(-1)
-        self.nbytes -= block.size
-
     def remove_many(self, blocks: list[Block]) -> None:
-        """Remove ``blocks`` (all idle here): one pass over each size's list, not one per block
-        (a segment's blocks, thousands of one size)."""
-        gone: dict[int, set[int]] = {}
+        """Remove ``blocks`` (all idle here): one pass over a size's list (a segment's blocks,
+        thousands of one size), or, few against a sorted container, one removal each."""
+        gone: dict[int, list[Block]] = {}
         for block in blocks:
-            gone.setdefault(block.size, set()).add(id(block))
-        for size, ids in gone.items():
+            gone.setdefault(block.size, []).append(block)
+        for size, group in gone.items():
             same = self.lists[size]
-            kept = [b for b in same if id(b) not in ids]
-            if type(same) is list:
-                same[:] = kept  # (in place: homes and hits hold it)
+            if type(same) is not list and len(group) * 8 < len(same):
+                for block in group:
+                    same.remove(block)
             else:
-                same.clear()
-                cast(_Big, same).update(kept)
-            self.nbytes -= size * len(ids)
+                ids = {id(b) for b in group}
+                kept = [b for b in same if id(b) not in ids]
+                if type(same) is list:
+                    same[:] = kept  # (in place: homes and hits hold it)
+                else:
+                    same.clear()
+                    cast(_Big, same).update(kept)
+            self.nbytes -= size * len(group)
         self._count_odd(-sum(b.odd for b in blocks))
 
     def add_many(self, blocks: list[Block]) -> None:

@@ -44,18 +44,14 @@ class Registry:
         return self._blocks.get(block.ptr) is block
 
     def add(self, block: Block) -> None:
-        with self._lock:
-            if block.ptr in self._blocks:
-                raise ValueError(f"{block!r} overlaps a registered block")
-            self._blocks[block.ptr] = block
-            self._starts.add(block.ptr)
+        self.add_many([block])
 
     def add_many(self, blocks: list[Block]) -> None:
         """``add`` for many blocks at once (a carved segment's)."""
         new = {block.ptr: block for block in blocks}
         with self._lock:
             if len(new) < len(blocks) or not self._blocks.keys().isdisjoint(new):
-                raise ValueError("a block overlaps a registered block")
+                raise ValueError(f"one of {len(blocks)} blocks overlaps a registered block")
             self._blocks.update(new)
             merge(self._starts, new)
 
@@ -72,9 +68,7 @@ class Registry:
                 self._starts = SortedList(self._blocks)
 
     def remove(self, block: Block) -> None:
-        with self._lock:
-            del self._blocks[block.ptr]
-            self._starts.remove(block.ptr)
+        self.remove_many([block])
 
     def blocks(self) -> list[Block]:
         with self._lock:

@@ -31,6 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,59 +176,55 @@ class Kernel:
             self.fn((len(dsts),), (256,), (d, s, np.int64(page // 16)))
 
 
-def bandwidth(kv: Any, pool: PinnedPool, pages: PinnedPages, page: int, args: argparse.Namespace,
+def gbps(kv: Any, nbytes: int, rounds: int, queue: Callable[[int], object]) -> float:
+    """GB/s of ``queue(r)`` (``nbytes`` each) on the copy stream: one round to warm up, then
+    ``rounds`` back to back, timed by wall clock (so that queuing counts)."""
+    queue(0)
+    stop = kv.timer(kv.copy)
+    for r in range(1, rounds + 1):
+        queue(r)
+    return float(nbytes * rounds / stop() / 1e9)
+
+
+def bandwidth(kv: Any, pages: PinnedPages, page: int, args: argparse.Namespace,
               kernel: Kernel | None) -> dict[str, float]:  # fmt: skip
-    """GB/s of each method, both ways, for batches of ``args.batch`` scattered pages."""
-    rng = np.random.default_rng(1)
-    n = args.batch
-    out: dict[str, float] = {}
-    for name in ("loop", "batch", "kernel"):
-        if name == "kernel" and kernel is None:
-            continue
-        for way in ("in", "out"):
-            stop = None
-            for r in range(args.rounds + 1):  # (the first round warms up)
-                if r == 1:
-                    stop = kv.timer(kv.copy)
-                idx = rng.permutation(pages.count)[:n]
-                dev = kv.ptrs(rng.permutation(len(kv.store))[:n])
-                if name == "kernel":
-                    assert kernel is not None
-                    host = kernel.host[idx].astype(np.int64)
-                    dsts, srcs = (dev, host) if way == "in" else (host, dev)
-                    kernel.run(dsts, srcs, page, kv.copy)
-                elif way == "in":
-                    pages.to_device(idx, dev, kv.copy, method=name)
-                else:
-                    pages.from_device(dev, idx, kv.copy, method=name)
-            assert stop is not None
-            out[f"{name} {way}"] = n * page * args.rounds / stop() / 1e9
-    return out
+    """GB/s of each method, both ways, for batches of ``args.batch`` scattered pages (drawn
+    before the clock starts)."""
+    rng, n = np.random.default_rng(1), args.batch
+    picks = [(rng.permutation(pages.count)[:n], kv.ptrs(rng.permutation(len(kv.store))[:n]))
+             for _ in range(args.rounds + 1)]  # fmt: skip
+    methods = ("loop", "batch") if kernel is None else ("loop", "batch", "kernel")
+    return {
+        f"{name} {way}": gbps(kv, n * page, args.rounds,
+                              partial(_queue, pages, kernel, name, way == "in", picks, kv.copy))
+        for name in methods
+        for way in ("in", "out")
+    }  # fmt: skip
+
+
+def _queue(pages: PinnedPages, kernel: Kernel | None, name: str, to_device: bool,
+           picks: list[tuple[np.ndarray, np.ndarray]], stream: Any, r: int) -> None:  # fmt: skip
+    """Round ``r``'s batch by ``name`` (``loop``, ``batch``, ``kernel``), one way."""
+    idx, dev = picks[r]
+    if name == "kernel":
+        assert kernel is not None
+        host = kernel.host[idx].astype(np.int64)
+        dsts, srcs = (dev, host) if to_device else (host, dev)
+        kernel.run(dsts, srcs, pages.page_bytes, stream)
+    elif to_device:
+        pages.to_device(idx, dev, stream, method=name)
+    else:
+        pages.from_device(dev, idx, stream, method=name)
 
 
 async def ceilings(kv: Any, pool: PinnedPool, nbytes: int, rounds: int) -> tuple[float, float]:
     """GB/s of one large pinned buffer to the device and back (the same stream and timing)."""
-    buf = await pool.allocate(nbytes)
-    try:
-        host = PinnedPages(pool, [buf])
-        slot = kv.ptrs(np.array([0]))
-        got = []
-        for way in ("in", "out"):
-            stop = None
-            for r in range(rounds + 1):
-                if r == 1:
-                    stop = kv.timer(kv.copy)
-                if way == "in":
-                    host.to_device([0], slot, kv.copy, method="loop")
-                else:
-                    host.from_device(slot, [0], kv.copy, method="loop")
-            assert stop is not None
-            got.append(nbytes * rounds / stop() / 1e9)
-        host.free()
-        return got[0], got[1]
-    except BaseException:
-        buf.free()
-        raise
+    slot = kv.ptrs(np.array([0]))
+    with PinnedPages(pool, [await pool.allocate(nbytes)]) as host:
+        up = gbps(kv, nbytes, rounds, lambda r: host.to_device([0], slot, kv.copy, method="loop"))
+        down = gbps(kv, nbytes, rounds,
+                    lambda r: host.from_device(slot, [0], kv.copy, method="loop"))  # fmt: skip
+    return up, down
 
 
 # -- serving ---------------------------------------------------------------------------------------
@@ -359,7 +356,7 @@ async def bench(args: argparse.Namespace) -> None:
                     kernel = Kernel(pages)
                 except Exception as exc:  # (no CuPy, or the pages have no device address)
                     say(f"  kernel: not run ({type(exc).__name__}: {exc})")
-            got = bandwidth(kv, pool, pages, page, args, kernel)
+            got = bandwidth(kv, pages, page, args, kernel)
             up, down = await ceilings(kv, pool, args.batch * page, args.rounds)
             pages.free()
             rows.append((page, got, up, down))

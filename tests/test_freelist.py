@@ -62,7 +62,7 @@ def test_remove_takes_exactly_that_block() -> None:
     a, b, c = blocks(1024, 1024, 1024)
     for block in (a, b, c):
         free.add(block)
-    free.remove(b)
+    free.remove_many([b])
     assert [free.take(1024), free.take(1024), free.take(1024)] == [a, c, None]
 
 
@@ -217,5 +217,5 @@ def test_a_size_with_many_idle_blocks_keeps_address_order_in_a_sorted_container(
     assert free.take(4096) is None and free.nbytes == 0
     free.add_many(got[:500])
     free.remove_many(got[:10])
-    free.remove(got[10])
+    free.remove_many([got[10]])
     assert len(free) == 489 and free.take(4096) is got[11]

@@ -48,6 +48,13 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux or no mincore
     _libc = _mincore = None
 
 
+def check_pinning(pinning: object) -> str:
+    """A ``pinning`` mode, or the ``ValueError`` that lists them."""
+    if pinning not in PINNING_MODES:
+        raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
+    return str(pinning)
+
+
 def default_threads() -> int:
     """Touch threads: one per core, up to 16.  On the 16-core H200 host, pinning 1 GiB took
     157 / 71 / 52 / 43 ms with 1 / 4 / 8 / 16 threads (best of 3 each)."""
@@ -96,6 +103,21 @@ class Mapped:
             _spread([(a, 1) for a in range(self.ptr, self.ptr + size, page)], threads)
         else:
             fault_in(self.ptr, size, threads, huge=huge, pages=pages, no_huge=self._no_huge)
+
+    @classmethod
+    def registered(
+        cls, size: int, threads: int, numa_node: int | None, pages: HugePages, mode: str,
+        register: Callable[[int, int], None], unregister: Callable[[int], None], chunk: int,
+    ) -> Mapped:  # fmt: skip
+        """A mapping, its pages faulted in and ``register``ed in chunks (``register``); unmapped
+        again where a registration fails."""
+        mapped = cls(size, threads, numa_node, pages, mode)
+        try:
+            mapped.register(register, unregister, chunk)
+        except BaseException:
+            mapped.close()
+            raise
+        return mapped
 
     def _no_huge(self) -> None:
         with contextlib.suppress(OSError, AttributeError):

@@ -50,7 +50,7 @@ from ._cudart import (
 )
 from ._graphhold import GraphHolds
 from ._hugepages import HUGETLB, HugePages
-from ._memory import PINNING_MODES, REGISTER_CHUNK_BYTES, Mapped, default_threads
+from ._memory import REGISTER_CHUNK_BYTES, Mapped, check_pinning, default_threads
 from ._numa import resolve
 
 __all__ = ["CudaBackend"]
@@ -91,9 +91,7 @@ class CudaBackend:
         numa_node: int | str | None = None,
         device: int | None = None,
     ) -> None:
-        if pinning not in PINNING_MODES:
-            raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
-        self.pinning = pinning
+        self.pinning = check_pinning(pinning)
         self.huge_pages = HugePages()
         #: the most one ``cudaHostRegister`` covers (``REGISTER_CHUNK_BYTES``)
         self.register_chunk_bytes = REGISTER_CHUNK_BYTES
@@ -137,12 +135,9 @@ class CudaBackend:
         return int(ptr)
 
     def _register(self, size: int) -> int:
-        mapped = Mapped(size, self._threads, self.numa_node, self.huge_pages, self.pinning)
-        try:
-            mapped.register(register_chunk, unregister_chunk, self.register_chunk_bytes)
-        except BaseException:
-            mapped.close()
-            raise
+        mapped = Mapped.registered(size, self._threads, self.numa_node, self.huge_pages,
+                                   self.pinning, register_chunk, unregister_chunk,
+                                   self.register_chunk_bytes)  # fmt: skip
         with self._lock:
             self._registered[mapped.ptr] = mapped
         return mapped.ptr

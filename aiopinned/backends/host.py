@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._hugepages import HugePages
-from ._memory import PINNING_MODES, REGISTER_CHUNK_BYTES, Mapped, default_threads
+from ._memory import REGISTER_CHUNK_BYTES, Mapped, check_pinning, default_threads
 from ._numa import resolve
 
 __all__ = ["HostBackend", "HostStream"]
@@ -116,9 +116,7 @@ class HostBackend:
         device: int | None = None,  # (a CUDA pool's device: here there is none, and it is ignored)
         pinning: str = "auto",
     ) -> None:
-        if pinning not in PINNING_MODES:
-            raise ValueError(f"pinning must be one of {PINNING_MODES}, not {pinning!r}")
-        self.pinning = pinning
+        self.pinning = check_pinning(pinning)
         self.huge_pages = HugePages()
         #: the most one registration covers (``REGISTER_CHUNK_BYTES``)
         self.register_chunk_bytes = REGISTER_CHUNK_BYTES
@@ -131,12 +129,9 @@ class HostBackend:
 
     def alloc(self, size: int) -> int:
         # the CUDA backend's path, the registration a stand-in
-        mapped = Mapped(size, self._threads, self.numa_node, self.huge_pages, self.pinning)
-        try:
-            mapped.register(self.register_range, self.unregister_range, self.register_chunk_bytes)
-        except BaseException:
-            mapped.close()
-            raise
+        mapped = Mapped.registered(size, self._threads, self.numa_node, self.huge_pages,
+                                   self.pinning, self.register_range, self.unregister_range,
+                                   self.register_chunk_bytes)  # fmt: skip
         with self._maps_lock:
             self._maps[mapped.ptr] = mapped
         return mapped.ptr

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from .._checks import as_callback, as_size
+from .._checks import as_callback, as_positive
 from .._pool import PinnedPool
 from ._chunks import plan
 from ._format import Paths, checkpoint_files, read_header, select
@@ -33,8 +33,7 @@ class Loaded(dict[str, Any]):
 
 def _check_options(**counts: object) -> None:
     for name, value in counts.items():
-        if as_size(value, name) < 1:
-            raise ValueError(f"{name} must be >= 1, not {value!r}")
+        as_positive(value, name)
     if counts["chunk_bytes"] % ALIGN:  # type: ignore[operator]
         raise ValueError(f"chunk_bytes must be a multiple of {ALIGN}")
 

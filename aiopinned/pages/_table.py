@@ -21,6 +21,7 @@ import anyio.lowlevel
 import numpy as np
 
 from .._buffer import PinnedBuffer
+from .._checks import as_positive
 from .._pool import PinnedPool
 from ..errors import InvalidBufferError
 from ._batch import METHODS, CudaCopies, HostCopies, as_addresses, check
@@ -63,8 +64,8 @@ class PinnedPages:
     ) -> PinnedPages:  # fmt: skip
         """Take ``count`` pages of ``page_bytes`` from ``pool``, pinning them first as one
         carved tier (``reserve``) unless ``reserve=False``.  A failure gives back what it took."""
-        if count < 1 or page_bytes < 1:
-            raise ValueError(f"count and page_bytes must be >= 1, not {count} and {page_bytes}")
+        as_positive(count, "count")
+        as_positive(page_bytes, "page_bytes")
         if reserve:
             await pool.reserve(count * page_bytes, block_bytes=page_bytes)
         taken: list[PinnedBuffer] = []
