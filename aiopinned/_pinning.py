@@ -33,6 +33,17 @@ log = logging.getLogger("aiopinned")
 #: pool's scrubber thread (handing over and back costs about as much as zeroing 2 MiB)
 SCRUB_INLINE_BYTES = 2 << 20
 
+
+class _Job:
+    """A block to zero, and what to call on the loop once it is zeroed."""
+
+    __slots__ = ("block", "then")
+
+    def __init__(self, block: Block, then: Callable[[], object]) -> None:
+        self.block = block
+        self.then: Callable[[], object] | None = then
+
+
 Orphan = Callable[[Any, BaseException | None], None]
 Unpinned = tuple[list[Block], "Exception | None"]  # still pinned, and the first error
 
@@ -63,7 +74,7 @@ class Pinning:
         self._port = port
         self._counters = counters
         self.background = InFlight()  # blocks being zeroed or trimmed in threads
-        self._scrubs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None] | None = None
+        self._scrubs: queue.SimpleQueue[_Job | None] | None = None
 
     def scrub(self, block: Block, then: Callable[[], object]) -> None:
         """Loop thread: zero ``block`` (so no owner sees the last one's data), then ``then()``.
@@ -76,19 +87,20 @@ class Pinning:
             self._scrubs = queue.SimpleQueue()
             start_thread(partial(self._scrubber, self._scrubs))
         self.background.started()
-        self._scrubs.put((block, then))
+        self._scrubs.put(_Job(block, then))
 
-    def _scrubber(self, jobs: queue.SimpleQueue[tuple[Block, Callable[[], object]] | None]) -> None:
+    def _scrubber(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
         while (job := jobs.get()) is not None:
-            block, then = job
-            ctypes.memset(block.ptr, 0, block.size)
-            if not self._port.post(self._scrubbed, then):
+            ctypes.memset(job.block.ptr, 0, job.block.size)
+            # ``then`` holds the pool: the loop empties the job, so this thread keeps no
+            # reference to it once the block is back (a pool dropped without aclose() must be
+            # collectable, and its pinned memory with it, however late this thread runs)
+            if not self._port.post(self._scrubbed, job):
                 return  # the loop is gone: nobody to give the block to
-            # ``then`` holds the pool: a name left bound while this thread waits for the next
-            # job would keep a pool dropped without aclose() (and its pinned memory) alive
-            del job, block, then
 
-    def _scrubbed(self, then: Callable[[], object]) -> None:
+    def _scrubbed(self, job: _Job) -> None:
+        then, job.then = job.then, None
+        assert then is not None
         then()
         self.background.finished()
 

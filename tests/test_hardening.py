@@ -9,12 +9,14 @@ import sys
 import threading
 import warnings
 import weakref
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
 from aiopinned import PinnedMemoryError, PinnedPool, PoolClosed
+from aiopinned._loopport import LoopPort
 
 from .conftest import RecordingBackend, until
 from .faults import FaultBackend
@@ -107,7 +109,21 @@ async def test_a_failing_trim_backs_off_and_counts_nothing_trimmed() -> None:
 
 
 # -- a pool dropped after a large scrub ------------------------------------------------------
-async def test_a_pool_dropped_after_a_large_scrub_is_collected_and_warns() -> None:
+@pytest.mark.parametrize("thread_lags", [False, True])
+async def test_a_pool_dropped_after_a_large_scrub_is_collected_and_warns(
+    thread_lags: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if thread_lags:  # the scrubber thread is still inside its post when the pool is dropped
+        lagging = threading.Event()
+        post = LoopPort.post
+
+        def slow_post(port: LoopPort, fn: Any, *args: object) -> bool:
+            done = post(port, fn, *args)
+            if getattr(fn, "__name__", "") == "_scrubbed":
+                lagging.wait(10)
+            return done
+
+        monkeypatch.setattr(LoopPort, "post", slow_post)
     pool = await PinnedPool("host", scrub=True).open()
     (await pool.allocate(4 << 20)).free()  # zeroed in the scrubber thread
     await until(lambda p=pool: p.stats().free_blocks == 1)  # type: ignore[misc]
@@ -119,6 +135,8 @@ async def test_a_pool_dropped_after_a_large_scrub_is_collected_and_warns() -> No
             gc.collect()
     finally:
         gc.enable()
+        if thread_lags:
+            lagging.set()
     assert ref() is None
 
 
