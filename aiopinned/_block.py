@@ -12,6 +12,20 @@ PENDING = 2  # freed; waiting for the events recorded on its streams (EventWatch
 UNPINNED = 3  # given back to the system
 
 
+#: the streams of a block that has none, shared: a block gets a set of its own only once a
+#: stream is recorded on it (``add_stream``), so that a tier of a million idle blocks is a
+#: million objects for the garbage collector's full passes, not two million
+NO_STREAMS: frozenset[Hashable] = frozenset()
+
+
+def add_stream(block: Block, key: Hashable) -> None:
+    """``key`` joins ``block``'s streams (loop thread, or no loop left to race with)."""
+    if isinstance(block.streams, set):
+        block.streams.add(key)
+    else:
+        block.streams = {key}
+
+
 def pow2(n: int) -> int:
     """The seed's ``PowerOf2Ceil``: the block size growth pins for a request of ``n`` bytes."""
     return 1 << (n - 1).bit_length()
@@ -34,7 +48,7 @@ class Block:
         #: stays for the pool's life; an odd block has none): a buffer's free appends to it
         self.home: list[Block] | None = None
         #: streams that used the block while it was handed out (the seed's ``streams_``)
-        self.streams: set[Hashable] = set()
+        self.streams: set[Hashable] | frozenset[Hashable] = NO_STREAMS
         #: captured CUDA graphs that may still read it (``_graphs``): it is not reused before
         #: the last of them is gone
         self.graphs = 0

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Hashable
 from functools import partial
 from typing import Any
 
-from ._block import Block
+from ._block import NO_STREAMS, Block
 from ._loopport import LoopPort, run_detached, run_off_loop, start_thread
 from ._reservations import Plan
 from ._stats import Counters
@@ -160,7 +160,7 @@ class Pinning:
         has run, in the reaper thread.  A stream that cannot be waited on leaves the block
         pinned until the process ends: that is safe, and unpinning it might not be."""
         keys, backend = list(block.streams), self._backend
-        block.streams.clear()
+        block.streams = NO_STREAMS
 
         def work() -> None:
             for key in keys:

@@ -15,7 +15,7 @@ from threading import get_ident
 import anyio
 
 from . import _checks as check
-from ._block import ALLOCATED, PENDING, Block
+from ._block import ALLOCATED, NO_STREAMS, PENDING, Block, add_stream
 from ._bringup import Reserves, Reserving
 from ._buffer import PinnedBuffer
 from ._cache import Cache
@@ -339,16 +339,15 @@ class PinnedPool:
         await done.wait()
 
     async def empty_cache(self) -> int:
-        """Unpin every idle block (off the loop); the bytes unpinned.  Raises the backend's error
-        if a block could not be unpinned (it stays, idle and counted)."""
+        """Unpin every idle block (off the loop, in steps with the loop running between); the
+        bytes unpinned.  Raises the backend's error if a block could not be unpinned (it, and
+        what was not tried yet, stays idle and counted)."""
         if self._state != _NEW:
             self._check_loop()
         if self._state != _OPEN:
             return 0
         self.process_events()
-        victims = self._cache.take_idle()
-        await self._unpin_idle(victims)
-        return sum(b.size for b in victims)
+        return sum([await self._unpin_idle(units) for units in self._cache.idle_steps()])
 
     def copy_data(self, dest: int, src: int, count: int) -> None:
         """Copy ``count`` bytes from address ``src`` to ``dest`` (the seed's ``copy_data``)."""
@@ -491,7 +490,7 @@ class PinnedPool:
             rt.pinning.return_after_streams(list(block.streams), back)
             raise
         finally:
-            block.streams.clear()
+            block.streams = NO_STREAMS
         if self._spin_s and self._lot:
             rt.watcher.spin(self._spin_s, self._lot.__bool__)
 
@@ -531,17 +530,18 @@ class PinnedPool:
         if block is None:
             return False
         self._graphs.record(block, key)
-        if get_ident() == self._thread_id or not self._rt.port.post(block.streams.add, key):
-            block.streams.add(key)  # (on the loop, or with the loop gone: no one to race with)
+        if get_ident() == self._thread_id or not self._rt.port.post(add_stream, block, key):
+            add_stream(block, key)  # (on the loop, or with the loop gone: no one to race with)
         return True
 
     def _prepare_torch(self) -> None:
         self._rt.backend.prepare_torch()
 
-    async def _unpin_idle(self, victims: list[Block]) -> None:
-        """Unpin blocks from ``Cache.take_idle`` (still reserved until they are unpinned)."""
+    async def _unpin_idle(self, victims: list[Block]) -> int:
+        """Unpin idle units taken out of the cache (reserved until unpinned); their bytes."""
         if victims:
             await self._rt.pinning.unpin(victims, then=partial(self._unpinned, victims))
+        return sum(b.size for b in victims)
 
     def _unpinned(self, victims: list[Block], still_pinned: list[Block]) -> None:
         kept = self._cache.unpinned(victims, still_pinned)

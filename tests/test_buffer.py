@@ -208,7 +208,7 @@ def test_free_puts_a_block_in_its_empty_home_itself_and_leaves_the_rest_to_the_o
         free.add(Block(ctypes.addressof(MEMORY) + 256, 256))
     buf = PinnedBuffer(owner, block, 256)
     if case == "streams":
-        block.streams.add("s")
+        block.streams = {"s"}
     if case == "waiters":
         owner._waiters.append(object())
     buf.free()

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from aiopinned import HostStream, PinnedBuffer, PinnedPool, WouldBlock
+from aiopinned._block import FREE
 
 KB = 1024
 CAP = 64 * KB
@@ -200,6 +201,13 @@ class PoolMachine(RuleBasedStateMachine):
         s = self.pool.stats()
         assert s.active_bytes == sum(b.capacity for b, _ in self.live.values())
         assert s.reserved_bytes <= CAP and s.peak_reserved_bytes <= CAP
+        # segments and stranded bytes, counted block by block from the registry
+        segments = {b.segment for b in self.pool._cache.registry.blocks() if b.segment}
+        stranded = 0
+        for seg in segments:
+            idle = [b.size for b in seg.blocks if b.state == FREE]
+            stranded += sum(idle) if len(idle) < len(seg.blocks) else 0
+        assert (s.segments, s.stranded_bytes) == (len(segments), stranded)
 
     @invariant()
     def a_waiting_caller_could_not_be_served(self) -> None:

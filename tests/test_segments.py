@@ -9,6 +9,7 @@ import threading
 from itertools import pairwise
 
 import anyio
+import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
 
@@ -21,6 +22,7 @@ from aiopinned import (
     PoolClosed,
     Reserving,
 )
+from aiopinned._cache import EMPTY_STEP_BLOCKS
 from aiopinned._growth import MAX_CARVED, layout
 
 from .conftest import RecordingBackend, until
@@ -313,6 +315,39 @@ async def test_a_tier_of_many_pages_freed_in_any_order_comes_back_whole() -> Non
         assert pool.stats().num_host_alloc == 3
         for buf in again:
             buf.free()
+
+
+async def test_empty_cache_of_a_large_tier_goes_in_steps_with_the_loop_running_between() -> None:
+    backend, page = FaultBackend(), 4096
+    async with PinnedPool(backend, segment_bytes=MAX_CARVED * page) as pool:
+        n = 6 * MAX_CARVED  # six segments: three steps of EMPTY_STEP_BLOCKS (two segments)
+        await pool.reserve(n * page, block_bytes=page)
+        pins = backend.calls["alloc"]
+        ticks: list[int] = []
+        taken: list[PinnedBuffer] = []
+
+        async def meanwhile() -> None:  # runs between the steps, and takes a page mid-way
+            while not done:
+                ticks.append(backend.calls["free"])
+                if backend.calls["free"] == 2 and not taken:
+                    taken.append(await pool.allocate(page))
+                await anyio.lowlevel.checkpoint()
+
+        done = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(meanwhile)
+            await anyio.lowlevel.checkpoint()
+            got = await pool.empty_cache()
+            done = True
+        assert n // MAX_CARVED == pins == 6 and EMPTY_STEP_BLOCKS == 2 * MAX_CARVED
+        assert {0, 2, 4} <= set(ticks)  # the loop ran after each step of two segments
+        s = pool.stats()
+        assert got == 5 * MAX_CARVED * page == (n * page) - s.reserved_bytes
+        assert backend.calls["free"] == 5 and s.segments == 1  # the page's segment stays
+        assert s.stranded_bytes == (MAX_CARVED - 1) * page == s.free_bytes
+        assert backend.pinned_bytes() == s.reserved_bytes
+        taken[0].free()
+        assert await pool.empty_cache() == MAX_CARVED * page and backend.pinned_bytes() == 0
 
 
 @pytest.mark.parametrize("seed", range(20))
