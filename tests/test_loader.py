@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from aiopinned import FileReader, PinnedPool, load_safetensors, stream_safetensors
+from aiopinned.backends._memory import not_resident
 from aiopinned.loader import ALIGN
 from aiopinned.loader._reader import drop_page_cache
 
@@ -97,6 +98,29 @@ def test_the_reader_copies_what_is_cached_and_reads_the_rest_direct(tmp_path: Pa
         assert report.buffered_bytes == 8 * ALIGN and not reader.report.direct_refused
         with pytest.raises(EOFError):
             reader.read_into(memoryview(bytearray(ALIGN)), len(data) - 10)
+
+
+def test_a_cold_read_reads_nothing_twice_through_the_page_cache(tmp_path: Path) -> None:
+    """A ``RWF_NOWAIT`` read that misses still starts readahead for what it asked; the reader
+    asks for one page first, so a cold chunk is read ``O_DIRECT`` and not also read ahead (a
+    16 MiB chunk asked for whole had 8 MiB read ahead on CI's disk)."""
+    chunk, count = 16 * MB, 2
+    path = tmp_path / "cold.bin"
+    path.write_bytes(os.urandom(chunk * count))
+    uncache(path)
+    buf = mmap.mmap(-1, chunk)
+    with FileReader(path) as reader:
+        for at in range(0, chunk * count, chunk):
+            reader.read_into(memoryview(buf), at)
+        if reader.report.direct_refused or not reader.report.direct_bytes:
+            pytest.skip(f"no O_DIRECT or RWF_NOWAIT here: {reader.report}")
+        assert reader.report.direct_bytes == chunk * count
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        missing = not_resident(view.ctypes.data, len(view))
+        resident = len(view) - sum(n for _, n in missing)
+        del view
+    assert resident <= count * 16 * ALIGN, f"{resident} bytes read ahead into the page cache"
 
 
 def test_the_reader_can_be_told_one_way(tmp_path: Path) -> None:
