@@ -66,7 +66,8 @@ class Cache:
         self.reservations.settle(plan, pinned=True)
         grow = self.free.sizes.grow
         if plan.carve:
-            segment = Segment(ptr, plan.carve, [grow(n) != n for n in plan.carve])
+            odd = {n: grow(n) != n for n in set(plan.carve)}  # (one or two sizes: its pages)
+            segment = Segment(ptr, plan.carve, [odd[n] for n in plan.carve])
             return self._restore([segment])
         return [self.register(Block(ptr, plan.size, grow(plan.size) != plan.size))]
 

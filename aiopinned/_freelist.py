@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, cast
 from sortedcontainers import SortedKeyList, SortedList
 
 from ._block import FREE
-from ._registry import merge
 from ._sizes import Sizes
+from ._sorted import merge
 
 if TYPE_CHECKING:
     from ._block import Block

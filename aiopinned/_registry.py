@@ -9,22 +9,11 @@ their operations only.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
-from typing import Any
 
 from sortedcontainers import SortedList
 
 from ._block import Block
-
-
-def merge(into: SortedList, items: Collection[Any]) -> None:
-    """``into.update(items)``, which sorts everything again, where ``items`` are many against
-    what ``into`` holds; else one ``add`` each (a segment's blocks into a large tier's)."""
-    if len(items) * 8 < len(into):
-        for item in items:
-            into.add(item)
-    else:
-        into.update(items)
+from ._sorted import merge
 
 
 class Registry:
