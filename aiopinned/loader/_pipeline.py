@@ -15,6 +15,7 @@ from .._pool import PinnedPool
 from ._chunks import plan
 from ._format import Paths, checkpoint_files, read_header, select
 from ._reader import ALIGN, FileReader, ReadReport, check_direct
+from ._shared import load_shared
 from ._targets import make_target
 from ._window import run
 
@@ -114,9 +115,21 @@ async def load_safetensors(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int = DEFAULT_THREADS,
     streams: int = DEFAULT_STREAMS,
+    group: Any = None,
 ) -> Loaded:
     """Every tensor of a safetensors checkpoint on ``device``: :func:`stream_safetensors`,
-    collected (the result's ``report`` says how the bytes were read)."""
+    collected (the result's ``report`` says how the bytes were read).
+
+    ``group``: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for
+    every rank) whose ranks all load this checkpoint: each reads its share of the bytes and
+    receives the rest by broadcast (``_shared``); ``report`` and ``progress`` are this rank's."""
+    if group is not None:
+        options = {"pool": pool, "max_bytes": max_bytes, "direct": direct, "progress": progress,
+                   "chunk_bytes": chunk_bytes, "threads": threads, "streams": streams}  # fmt: skip
+        tensors, own = await load_shared(load_safetensors, paths, device, group, names, options)
+        loaded = Loaded(tensors)
+        loaded.report = own
+        return loaded
     loaded, report = Loaded(), ReadReport()
     stream = stream_safetensors(
         paths, device, pool=pool, max_bytes=max_bytes, names=names, direct=direct,
