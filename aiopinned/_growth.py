@@ -41,9 +41,9 @@ CLOSED_MESSAGE = "the pool was closed while this call pinned"
 #: 50,000, and trimming can still give back a tier in 1 GiB steps.
 SEGMENT_BYTES = 1 << 30
 #: the most blocks one segment is carved into: settling a segment makes, registers and returns
-#: each of its blocks on the loop (about 9 µs each for a 300,000-block tier on CI's machine), so
-#: 1024 bound that step to about 10 ms; a tier of small pages gets smaller segments (4 KiB
-#: pages: 4 MiB; 64 KiB: 64 MiB; 2 MiB pages: 1 GiB, 512 blocks)
+#: each of its blocks on the loop (about 4 µs each on CI's machine), so 1024 bound that step to
+#: about 4-5 ms; a tier of small pages gets smaller segments (4 KiB pages: 4 MiB; 64 KiB:
+#: 64 MiB; 2 MiB pages: 1 GiB, 512 blocks)
 MAX_CARVED = 1024
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiopinned.loader._format import checkpoint_files
 from aiopinned.loader._reader import drop_page_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,19 +39,23 @@ from benchmarks import bench_load  # (its checkpoint, manifest and device checks
 MODES = ("each reads all", "shared")
 
 
+def index_files(folder: Path) -> list[Path]:
+    """The checkpoint's files, as its index names them."""
+    return checkpoint_files(folder / "model.safetensors.index.json")
+
+
 def worker(rank: int, ranks: int, port: int, mode: str, state: str, folder: Path) -> None:
     """One rank of a row: load, check, print a JSON line (rank 0: the row's time)."""
     import torch
     import torch.distributed as dist
 
     import aiopinned
-    from aiopinned.loader._format import checkpoint_files
 
     torch.cuda.set_device(rank)
     where = torch.device("cuda", rank)
     dist.init_process_group("nccl", rank=rank, world_size=ranks,
                             init_method=f"tcp://127.0.0.1:{port}", device_id=where)  # fmt: skip
-    files = checkpoint_files(folder / "model.safetensors.index.json")
+    files = index_files(folder)
     if state == "cold" and rank == 0:
         drop_page_cache(files)
     dist.barrier()
@@ -76,7 +81,7 @@ def run_row(ranks: int, mode: str, state: str, folder: Path) -> dict[str, Any]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if state == "warm":
-        bench_load.warm_cache(bench_load_files(folder))
+        bench_load.warm_cache(index_files(folder))
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--worker", str(rank), str(ranks), str(port), mode, state,
@@ -93,12 +98,6 @@ def run_row(ranks: int, mode: str, state: str, folder: Path) -> dict[str, Any]:
         outs.append(json.loads(lines[-1]))
     return {"seconds": max(o["seconds"] for o in outs), "bytes": outs[0]["bytes"],
             "ok": all(o["ok"] for o in outs), "read": [o["read"] for o in outs]}  # fmt: skip
-
-
-def bench_load_files(folder: Path) -> list[Path]:
-    from aiopinned.loader._format import checkpoint_files
-
-    return checkpoint_files(folder / "model.safetensors.index.json")
 
 
 def main() -> None:

@@ -140,3 +140,29 @@ class Gate:
 
     def open(self) -> None:
         self._event.set()
+
+
+async def cancel_a_held_reserve(
+    pool: Any, recording: RecordingBackend, nbytes: int, block_bytes: int, held_after: int,
+    pins: int,
+) -> list[int]:  # fmt: skip
+    """``pool.reserve(nbytes, block_bytes=...)`` on ``recording``, its next pin held once
+    ``held_after`` bytes are pinned, cancelled once that pin (the ``pins``-th) has started; the
+    progress it reported.  The held pin is still gated: set ``recording.alloc_gate`` to let it
+    finish."""
+    recording.alloc_gate = threading.Event()
+    recording.alloc_gate.set()
+    pinned: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        pinned.append(done)
+        if done == held_after:
+            recording.alloc_gate.clear()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: pool.reserve(nbytes, block_bytes=block_bytes, progress=progress))
+            await until(lambda: len(recording.alloc_threads) == pins)
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+    return pinned

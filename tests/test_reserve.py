@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-
-import anyio
 import pytest
-from anyio import wait_all_tasks_blocked
 
 from aiopinned import PinnedPool, PoolClosed
 
-from .conftest import RecordingBackend, until
+from .conftest import RecordingBackend, cancel_a_held_reserve, until
 
 pytestmark = pytest.mark.anyio
 KB = 1024
@@ -58,22 +54,8 @@ async def test_reserve_stops_where_the_cap_is_full_and_unpins_nothing_for_it() -
 
 async def test_a_cancelled_reserve_keeps_what_it_pinned(recording: RecordingBackend) -> None:
     async with PinnedPool(recording, max_bytes=1024 * KB, segment_bytes=64 * KB) as pool:
-        recording.alloc_gate = threading.Event()
-        recording.alloc_gate.set()
-        pinned: list[int] = []
-
-        def progress(done: int, total: int) -> None:
-            pinned.append(done)
-            if done == 128 * KB:
-                recording.alloc_gate.clear()  # the third block's pin is held
-
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: pool.reserve(512 * KB, block_bytes=64 * KB,
-                                                   progress=progress))  # fmt: skip
-                await until(lambda: len(recording.alloc_threads) == 3)
-                await wait_all_tasks_blocked()
-                scope.cancel()
+        # the third block's pin is held, then the reserve is cancelled
+        pinned = await cancel_a_held_reserve(pool, recording, 512 * KB, 64 * KB, 128 * KB, 3)
         assert pinned == [64 * KB, 128 * KB] and pool.stats().free_blocks == 2
         recording.alloc_gate.set()  # the block in flight is adopted, not lost
         await until(lambda: pool.stats().free_blocks == 3)

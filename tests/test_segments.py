@@ -11,7 +11,6 @@ from itertools import pairwise
 import anyio
 import anyio.lowlevel
 import pytest
-from anyio import wait_all_tasks_blocked
 
 from aiopinned import (
     CudaError,
@@ -25,7 +24,7 @@ from aiopinned import (
 from aiopinned._cache import EMPTY_STEP_BLOCKS
 from aiopinned._growth import MAX_CARVED, layout
 
-from .conftest import RecordingBackend, until
+from .conftest import RecordingBackend, cancel_a_held_reserve, until
 from .faults import FaultBackend
 
 pytestmark = pytest.mark.anyio
@@ -179,20 +178,8 @@ async def test_close_with_a_carved_block_out_unpins_its_segment_once_it_is_freed
 
 async def test_a_cancelled_reserve_keeps_whole_segments(recording: RecordingBackend) -> None:
     async with PinnedPool(recording, segment_bytes=32 * KB) as pool:
-        recording.alloc_gate = threading.Event()
-        recording.alloc_gate.set()
-
-        def progress(done: int, total: int) -> None:
-            if done == 32 * KB:
-                recording.alloc_gate.clear()  # the second segment's pin is held
-
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: pool.reserve(128 * KB, block_bytes=4 * KB,
-                                                   progress=progress))  # fmt: skip
-                await until(lambda: len(recording.alloc_threads) == 2)
-                await wait_all_tasks_blocked()
-                scope.cancel()
+        # the second segment's pin is held, then the reserve is cancelled
+        await cancel_a_held_reserve(pool, recording, 128 * KB, 4 * KB, 32 * KB, 2)
         assert pool.stats().free_blocks == 8  # the first segment, all of it
         recording.alloc_gate.set()  # the segment in flight is adopted, whole
         await until(lambda: pool.stats().free_blocks == 16)

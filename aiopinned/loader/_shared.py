@@ -19,7 +19,7 @@ import anyio
 
 from ._format import DTYPES, Entry, Paths, checkpoint_files, read_header, select
 from ._reader import ReadReport
-from ._targets import TORCH_DTYPES
+from ._targets import TORCH_DTYPES, CudaTarget, HostTarget
 
 
 def owners(entries: Sequence[Entry], ranks: int) -> list[int]:
@@ -51,7 +51,7 @@ async def load_shared(
     files = checkpoint_files(paths)
     headers = await anyio.to_thread.run_sync(lambda: [read_header(f) for f in files])
     order = [e for entries in select(headers, names) for e in entries]
-    _check(order, device)
+    (HostTarget if device is None else CudaTarget).check(order)  # (every rank alike)
     readers = owners(order, ranks)
     mine = [e.name for e, r in zip(order, readers, strict=True) if r == rank]
     failure: BaseException | None = None
@@ -77,20 +77,6 @@ def _distributed() -> Any:
     if not dist.is_available():
         raise ValueError("group= needs a torch built with torch.distributed")
     return dist
-
-
-def _check(entries: Sequence[Entry], device: Any) -> None:
-    """Every tensor can be made here (the same check on every rank, before any collective)."""
-    for entry in entries:
-        if device is None and DTYPES[entry.dtype][1] is None:
-            raise ValueError(
-                f"tensor {entry.name!r} is {entry.dtype}, which NumPy has no dtype for"
-            )
-        if device is not None:
-            import torch
-
-            if not hasattr(torch, TORCH_DTYPES[entry.dtype]):
-                raise ValueError(f"tensor {entry.name!r}: this torch has no {entry.dtype}")
 
 
 class _Exchange:

@@ -41,7 +41,9 @@ class HostTarget(_Target):
     def __init__(self, streams: int) -> None:
         self.streams = [HostStream(f"aiopinned-load-{i}") for i in range(streams)]
 
-    def check(self, entries: Sequence[Entry]) -> None:
+    @staticmethod
+    def check(entries: Sequence[Entry]) -> None:
+        """Every tensor has a NumPy dtype (also before a target is made: ``_shared``)."""
         for entry in entries:
             if DTYPES[entry.dtype][1] is None:
                 raise ValueError(
@@ -98,9 +100,13 @@ class CudaTarget(_Target):
             self.streams = [torch.cuda.Stream() for _ in range(streams)]
         self._h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
 
-    def check(self, entries: Sequence[Entry]) -> None:
+    @staticmethod
+    def check(entries: Sequence[Entry]) -> None:
+        """This torch has every tensor's dtype (also before a target is made: ``_shared``)."""
+        import torch
+
         for entry in entries:
-            if not hasattr(self._torch, TORCH_DTYPES[entry.dtype]):
+            if not hasattr(torch, TORCH_DTYPES[entry.dtype]):
                 raise ValueError(f"tensor {entry.name!r}: this torch has no {entry.dtype}")
 
     def empty(self, nbytes: int) -> Any:
